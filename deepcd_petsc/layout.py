@@ -1,0 +1,64 @@
+"""Index arithmetic of a 3D DMDA decomposition: PETSc global numbering vs the
+natural (lexicographic, x fastest) numbering, vectorised, without PETSc's AO
+(which stores the whole mapping on every rank)."""
+import numpy as np
+
+
+class Layout:
+    """Block decomposition of an nx×ny×nz grid over Px×Py×Pz ranks.
+
+    `lx, ly, lz` are the per-rank sizes along each axis, as returned by
+    ``DMDA.getOwnershipRanges()``; ranks are numbered x fastest, like PETSc.
+    """
+
+    def __init__(self, lx, ly, lz):
+        self.l = [np.asarray(a, dtype=np.int64) for a in (lx, ly, lz)]
+        self.start = [np.concatenate([[0], np.cumsum(a)]) for a in self.l]
+        self.shape_xyz = tuple(int(s[-1]) for s in self.start)
+        px, py, pz = (len(a) for a in self.l)
+        self.procs = (px, py, pz)
+        # number of cells owned by each rank, and the first PETSc index of each
+        sizes = (self.l[2][:, None, None] * self.l[1][None, :, None]
+                 * self.l[0][None, None, :]).ravel()
+        self.offset = np.concatenate([[0], np.cumsum(sizes)])
+
+    @classmethod
+    def from_da(cls, da):
+        return cls(*da.getOwnershipRanges())
+
+    def box(self, rank):
+        """((xs, xe), (ys, ye), (zs, ze)) owned by `rank`."""
+        px, py, _ = self.procs
+        c = (rank % px, (rank // px) % py, rank // (px * py))
+        return tuple((int(self.start[d][c[d]]), int(self.start[d][c[d] + 1]))
+                     for d in range(3))
+
+    def petsc_index(self, k, j, i):
+        """PETSc global index of cells (k, j, i) (arrays, any shape)."""
+        c, loc = [], []
+        for d, v in enumerate((i, j, k)):
+            v = np.asarray(v, dtype=np.int64)
+            p = np.searchsorted(self.start[d], v, side="right") - 1
+            c.append(p)
+            loc.append(v - self.start[d][p])
+        px, py, _ = self.procs
+        rank = c[0] + px * (c[1] + py * c[2])
+        nxl, nyl = self.l[0][c[0]], self.l[1][c[1]]
+        return self.offset[rank] + loc[0] + nxl * (loc[1] + nyl * loc[2])
+
+    def natural_index(self, p):
+        """Natural index i + nx*(j + ny*k) of PETSc global indices `p`."""
+        p = np.asarray(p, dtype=np.int64)
+        rank = np.searchsorted(self.offset, p, side="right") - 1
+        px, py, _ = self.procs
+        cx, cy, cz = rank % px, (rank // px) % py, rank // (px * py)
+        nxl, nyl = self.l[0][cx], self.l[1][cy]
+        loc = p - self.offset[rank]
+        il = loc % nxl
+        jl = (loc // nxl) % nyl
+        kl = loc // (nxl * nyl)
+        i = self.start[0][cx] + il
+        j = self.start[1][cy] + jl
+        k = self.start[2][cz] + kl
+        nx, ny, _ = self.shape_xyz
+        return i + nx * (j + ny * k)

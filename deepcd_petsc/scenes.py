@@ -1,0 +1,175 @@
+"""Cell flags of pressure-Poisson scenes.
+
+A scene is an int8 array of shape (nz, ny, nx) (x fastest, PETSc's natural
+ordering) with FLUID = 0, SOLID = 1, AIR = 2, plus the set of domain faces
+that are open (Dirichlet p = 0 beyond them). z points up: "top" is z+.
+Every scene is a pure function of (shape, seed), so all ranks build the same
+geometry without communication.
+"""
+import numpy as np
+
+from .errors import UserError
+
+FLUID, SOLID, AIR = 0, 1, 2
+FACES = ("x-", "x+", "y-", "y+", "z-", "z+")
+SCENES = ("box", "smoke", "spheres", "liquid", "file")
+
+
+def _centres(shape_zyx):
+    nz, ny, nx = shape_zyx
+    z = (np.arange(nz) + 0.5) / nz
+    y = (np.arange(ny) + 0.5) / ny
+    x = (np.arange(nx) + 0.5) / nx
+    return z, y, x
+
+
+def _add_sphere(flags, centre, radius):
+    """Mark a solid sphere (in unit-cube coordinates) touching only its
+    bounding box, so cost scales with the sphere, not the grid."""
+    nz, ny, nx = flags.shape
+    sl, axes = [], []
+    for c, n in zip(centre, (nz, ny, nx)):
+        lo = max(int(np.floor((c - radius) * n)), 0)
+        hi = min(int(np.ceil((c + radius) * n)) + 1, n)
+        sl.append(slice(lo, hi))
+        axes.append((np.arange(lo, hi) + 0.5) / n - c)
+    if any(s.stop <= s.start for s in sl):
+        return
+    dz, dy, dx = np.meshgrid(*axes, indexing="ij", sparse=True)
+    inside = dz ** 2 + dy ** 2 + dx ** 2 <= radius ** 2
+    sub = flags[tuple(sl)]
+    sub[inside & (sub == FLUID)] = SOLID
+
+
+def _random_spheres(flags, rng, count, rmin, rmax, zmax=1.0):
+    for _ in range(count):
+        r = rng.uniform(rmin, rmax)
+        c = (rng.uniform(0.15, zmax - 0.1), rng.uniform(0.15, 0.85),
+             rng.uniform(0.15, 0.85))
+        _add_sphere(flags, c, r)
+
+
+def box(shape, seed):
+    """Closed box full of fluid: singular, constant null space."""
+    return np.zeros(shape, np.int8), set()
+
+
+def smoke(shape, seed):
+    """Smoke in a box with an open top and a few solid blocks."""
+    rng = np.random.default_rng(seed)
+    flags = np.zeros(shape, np.int8)
+    nz, ny, nx = shape
+    for _ in range(rng.integers(1, 4)):
+        lo = rng.uniform(0.1, 0.6, 3)
+        ext = rng.uniform(0.1, 0.3, 3)
+        sl = tuple(slice(int(a * n), max(int((a + e) * n), int(a * n) + 1))
+                   for a, e, n in zip(lo, ext, (nz, ny, nx)))
+        flags[sl] = SOLID
+    return flags, {"z+"}
+
+
+def spheres(shape, seed):
+    """Random solid spheres in a box with an open top."""
+    rng = np.random.default_rng(seed)
+    flags = np.zeros(shape, np.int8)
+    _random_spheres(flags, rng, rng.integers(4, 11), 0.06, 0.16)
+    return flags, {"z+"}
+
+
+def liquid(shape, seed):
+    """Liquid pool with a wavy free surface (air above), obstacles inside."""
+    rng = np.random.default_rng(seed)
+    flags = np.zeros(shape, np.int8)
+    z, y, x = _centres(shape)
+    level = rng.uniform(0.45, 0.7)
+    amp, kx, ky, ph = rng.uniform(0.02, 0.08), *rng.integers(1, 4, 2), \
+        rng.uniform(0, 2 * np.pi)
+    surface = level + amp * np.sin(2 * np.pi * (kx * x[None, :] + ky * y[:, None]) + ph)
+    flags[z[:, None, None] > surface[None, :, :]] = AIR
+    _random_spheres(flags, rng, rng.integers(2, 7), 0.05, 0.13, zmax=level)
+    return flags, {"z+"}
+
+
+GENERATORS = {"box": box, "smoke": smoke, "spheres": spheres, "liquid": liquid}
+
+
+def load_flags(path, shape):
+    """Flags from a user's .npy: integer array (nz, ny, nx), values 0/1/2."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"flag file {path!r} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"flag file {path!r} is not a readable .npy array ({e})") from None
+    if arr.ndim != 3:
+        raise UserError(f"flag file {path!r} has {arr.ndim} dimensions; expected a 3D array of shape (nz, ny, nx)")
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        raise UserError(f"flag file {path!r} has dtype {arr.dtype}; expected an integer array (0 fluid, 1 solid, 2 air)")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        nz, ny, nx = arr.shape
+        raise UserError(f"flag file {path!r} has shape {tuple(arr.shape)} (nz, ny, nx) = grid {nx},{ny},{nz}, "
+                        f"but the grid asked for is {shape[2]},{shape[1]},{shape[0]}")
+    arr = np.asarray(arr)
+    bad = (arr < 0) | (arr > 2)
+    if bad.any():
+        idx = np.argwhere(bad)[0]
+        raise UserError(f"flag file {path!r} holds value {int(arr[tuple(idx)])} at (k, j, i) = {tuple(int(v) for v in idx)}; "
+                        "allowed values are 0 fluid, 1 solid, 2 air")
+    return arr.astype(np.int8)
+
+
+def parse_faces(text):
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return set()
+    faces = {f.strip() for f in text.replace("top", "z+").split(",") if f.strip()}
+    bad = faces - set(FACES)
+    if bad:
+        raise UserError(f"unknown face(s) {sorted(bad)} in --open; use a comma list of {', '.join(FACES)} (or 'top', 'none')")
+    return faces
+
+
+def make_flags(scene, shape, seed=0, flags_file=None, open_faces=None):
+    """(flags, open_faces) for a scene; `shape` is (nz, ny, nx)."""
+    if scene not in SCENES:
+        raise UserError(f"unknown scene {scene!r}; choose one of {', '.join(SCENES)}")
+    if scene == "file" or flags_file is not None:
+        if flags_file is None:
+            raise UserError("scene 'file' needs --flags FILE.npy")
+        flags, faces = load_flags(flags_file, shape), set()
+    else:
+        flags, faces = GENERATORS[scene](tuple(shape), seed)
+    if open_faces is not None:
+        faces = set(open_faces)
+    flags = remove_isolated_fluid(flags, faces)
+    if not (flags == FLUID).any():
+        raise UserError("the domain has no fluid cell: nothing to solve")
+    return flags, faces
+
+
+def padded(flags, open_faces):
+    """Flags with one layer of ghost cells: AIR beyond open faces, SOLID
+    beyond walls."""
+    p = np.pad(flags, 1, constant_values=SOLID)
+    for face in open_faces:
+        axis = {"x": 2, "y": 1, "z": 0}[face[0]]
+        idx = [slice(None)] * 3
+        idx[axis] = -1 if face[1] == "+" else 0
+        p[tuple(idx)] = AIR
+    return p
+
+
+def remove_isolated_fluid(flags, open_faces):
+    """Fluid cells walled in on all six sides have an all-zero matrix row
+    (a one-cell null space that breaks Jacobi/ICC); they carry no flow, so
+    make them solid."""
+    fluid = flags == FLUID
+    p = padded(flags, open_faces) != SOLID
+    open_nb = (p[:-2, 1:-1, 1:-1] | p[2:, 1:-1, 1:-1] | p[1:-1, :-2, 1:-1]
+               | p[1:-1, 2:, 1:-1] | p[1:-1, 1:-1, :-2] | p[1:-1, 1:-1, 2:])
+    isolated = fluid & ~open_nb
+    if isolated.any():
+        flags = flags.copy()
+        flags[isolated] = SOLID
+    return flags
