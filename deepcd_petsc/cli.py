@@ -57,6 +57,36 @@ def build_parser():
     s.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     s.add_argument("--save-solution", help="write the solution as .npy (nz, ny, nx) from rank 0")
     sub.add_parser("info", help="versions, threads and devices")
+    t = sub.add_parser("train", help="train a DCDM network (unsupervised, Lanczos Ritz data)")
+    t.add_argument("--out", required=True, help="checkpoint to write (.pt); also writes .png loss plot and .md card")
+    t.add_argument("--n", default="32", help="training grid size(s), comma list, e.g. 32,48")
+    t.add_argument("--scenes", default="spheres,smoke,liquid,box")
+    t.add_argument("--geometries", type=int, default=4, help="random geometries per scene and size")
+    t.add_argument("--lanczos", type=int, default=400, help="Lanczos steps per geometry")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    t.add_argument("--cache", help="directory caching the Lanczos data (.npz per geometry)")
+    t.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    t.add_argument("--channels", help="channels per level, finest first, e.g. 4,8,16,16,16")
+    t.add_argument("--eval-sizes", default="32,64", help="sizes for the model card's evaluation")
+    t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
+    e = sub.add_parser("evaluate", help="DCDM vs CG iterations with a model (torch, no PETSc)")
+    e.add_argument("--model", help="checkpoint (default: the shipped model)")
+    e.add_argument("--scenes", default="spheres,smoke,liquid")
+    e.add_argument("--sizes", default="32,64")
+    e.add_argument("--seeds", default="1,2")
+    e.add_argument("--rtol", type=float, default=1e-6)
+    e.add_argument("--maxit", type=int, default=500)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    e.add_argument("--threads", type=int)
+    e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
+    e.add_argument("--json", action="store_true")
     return ap
 
 
@@ -161,7 +191,98 @@ def cmd_info(a, petsc_args):
     return 0
 
 
-COMMANDS = {"solve": cmd_solve, "info": cmd_info}
+def _ints(text, what):
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected a comma list of integers") from None
+    if not vals:
+        raise UserError(f"{what} is empty")
+    return vals
+
+
+def _scenes(text):
+    from .scenes import GENERATORS
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in GENERATORS]
+    if bad or not names:
+        raise UserError(f"unknown scene(s) {bad}; choose from {', '.join(GENERATORS)}")
+    return names
+
+
+def _device(name):
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UserError(f"unknown device {name!r}; use cpu or cuda[:N]")
+    return name
+
+
+def cmd_train(a, petsc_args):
+    import torch
+    from .training.trainer import train, loss_plot, write_model_card
+    from .evaluate import evaluate
+    from .model import ModelFileError, DEFAULT_CONFIG
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sizes = _ints(a.n, "--n")
+    if min(sizes) < 8:
+        raise UserError("training sizes must be >= 8")
+    config = dict(DEFAULT_CONFIG)
+    if a.channels:
+        config["channels"] = _ints(a.channels, "--channels")
+    try:
+        net, meta = train(a.out, n=sizes if len(sizes) > 1 else sizes[0], scenes=_scenes(a.scenes),
+                          steps=a.steps, time_budget=a.time_budget, seed=a.seed,
+                          lanczos=a.lanczos, geometries=a.geometries, batch=a.batch,
+                          lr=a.lr, device=_device(a.device), cache=a.cache,
+                          resume=a.resume, config=config)
+    except ModelFileError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(meta['losses'][-100:]) / len(meta['losses'][-100:]):.4f}")
+    if a.no_card:
+        return 0
+    base = os.path.splitext(a.out)[0]
+    loss_plot(meta["losses"], base + ".png")
+    net = net.to("cpu").eval()
+    rows = evaluate(net, ["spheres", "smoke", "liquid"], _ints(a.eval_sizes, "--eval-sizes"), [1])
+    cmd = "deepcd " + " ".join(sys.argv[1:])
+    write_model_card(base + ".md", a.out, meta, rows, cmd)
+    print(f"wrote {base}.png and {base}.md")
+    return 0
+
+
+def cmd_evaluate(a, petsc_args):
+    import torch
+    from .evaluate import evaluate
+    from .model import DTYPES, ModelFileError, load_model
+    from .tables import markdown_table
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = _device(a.device)
+    try:
+        net, ck = load_model(a.model, dtype=a.dtype, device=device)
+    except ModelFileError as e:
+        raise UserError(str(e)) from None
+    sizes = _ints(a.sizes, "--sizes")
+    if min(sizes) < 4:
+        raise UserError("sizes must be >= 4")
+
+    def show(row):
+        print(f"  {row['scene']:8s} n={row['n']:4d} seed={row['seed']}: DCDM {row['dcdm']}"
+              + (f", CG {row['cg']}, CG+Jacobi {row['cg_jacobi']}" if "cg" in row else ""), flush=True)
+    rows = evaluate(net, _scenes(a.scenes), sizes, _ints(a.seeds, "--seeds"), a.rtol, a.maxit,
+                    device, DTYPES[a.dtype], baselines=not a.no_baselines, progress=show)
+    cols = ["scene", "n", "seed", "dcdm", "dcdm_s"] + ([] if a.no_baselines else ["cg", "cg_jacobi"])
+    print(markdown_table(rows, cols))
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+COMMANDS = {"solve": cmd_solve, "info": cmd_info, "train": cmd_train,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv=None):

@@ -1,0 +1,43 @@
+"""The scene's Poisson operator matrix-free in torch, equal to the assembled
+PETSc matrix (tests/test_operator.py): used for training (batched, any
+device) and for the torch reference DCDM in `deepcd evaluate`."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .scenes import FLUID, SOLID, padded
+
+
+class PoissonOperator:
+    """A for flags (D, H, W) with open faces: fluid rows -diag/-1 stencil,
+    non-fluid rows identity. Applies to (..., D, H, W) tensors."""
+
+    def __init__(self, flags, open_faces=(), dtype=torch.float64, device=None):
+        flags = np.asarray(flags)
+        p = padded(flags, set(open_faces)) != SOLID
+        diag = (p[:-2, 1:-1, 1:-1].astype(np.int8) + p[2:, 1:-1, 1:-1]
+                + p[1:-1, :-2, 1:-1] + p[1:-1, 2:, 1:-1]
+                + p[1:-1, 1:-1, :-2] + p[1:-1, 1:-1, 2:])
+        fluid = flags == FLUID
+        self.shape = flags.shape
+        self.fluid = torch.as_tensor(fluid, device=device)
+        self.fluid_f = self.fluid.to(dtype)
+        self.diag = torch.as_tensor(np.where(fluid, diag, 1).astype(np.float64),
+                                    device=device).to(dtype)
+
+    def to(self, dtype=None, device=None):
+        self.fluid = self.fluid.to(device=device)
+        self.fluid_f = self.fluid_f.to(dtype=dtype, device=device)
+        self.diag = self.diag.to(dtype=dtype, device=device)
+        return self
+
+    def __call__(self, x):
+        shp = x.shape
+        x5 = x.reshape(-1, 1, *self.shape)
+        xf = x5 * self.fluid_f.to(x.dtype)
+        p = F.pad(xf, (1, 1, 1, 1, 1, 1))
+        nb = (p[..., :-2, 1:-1, 1:-1] + p[..., 2:, 1:-1, 1:-1]
+              + p[..., 1:-1, :-2, 1:-1] + p[..., 1:-1, 2:, 1:-1]
+              + p[..., 1:-1, 1:-1, :-2] + p[..., 1:-1, 1:-1, 2:])
+        y = self.diag.to(x.dtype) * x5 - nb * self.fluid_f.to(x.dtype)
+        return y.reshape(shp)
