@@ -98,20 +98,20 @@ def _problem_from_args(a):
         seed = int(a.seed)
     except ValueError:
         raise UserError(f"--seed {a.seed!r} is not an integer") from None
-    scene = "file" if a.flags and a.scene in ("spheres", "file") else a.scene
+    if a.flags and a.scene not in ("spheres", "file"):
+        raise UserError(f"--flags gives the geometry: use --scene file (not {a.scene!r}), "
+                        "and --open to open faces")
+    scene = "file" if a.flags else a.scene
     return Problem.from_scene(scene, shape, seed=seed, flags_file=a.flags,
                               open_faces=parse_faces(a.open), rhs_file=a.rhs)
 
 
 def _shape_from_args(a):
     from .problem import parse_shape
-    import numpy as np
+    from .scenes import load_flags
     if a.n is None and a.shape is None and a.flags:
-        try:
-            nz, ny, nx = np.load(a.flags, mmap_mode="r").shape
-            return (nx, ny, nz)
-        except Exception:
-            pass  # load_flags reports the problem precisely
+        nz, ny, nx = load_flags(a.flags, None).shape  # reports a bad file precisely
+        return (nx, ny, nz)
     return parse_shape(a.n, a.shape)
 
 
@@ -123,6 +123,10 @@ def init_petsc(petsc_args):
 
 
 def cmd_solve(a, petsc_args):
+    if a.save_solution:
+        d = os.path.dirname(os.path.abspath(a.save_solution))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise UserError(f"--save-solution {a.save_solution!r}: directory {d!r} does not exist or is not writable")
     PETSc = init_petsc(petsc_args)
     from .solvers import run_ksp
     comm = PETSc.COMM_WORLD

@@ -34,12 +34,18 @@ class Conv3d(nn.Conv3d):
     keep the standard path.
     """
 
-    def _conv_forward(self, x, weight, bias):
+    def forward(self, x, halo=None):
+        """`halo`: None for zero padding (one process), or a callable that
+        adds the neighbours' cells (zeros on the global boundary)."""
+        pad = self.padding
+        if halo is not None and self.kernel_size[0] > 1:
+            x = halo(x, self.kernel_size[0] // 2)
+            pad = (0, 0, 0)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
                 and torch.backends.mkldnn.is_available():
-            return torch.mkldnn_convolution(x, weight, bias, self.padding,
+            return torch.mkldnn_convolution(x, self.weight, self.bias, pad,
                                             self.stride, self.dilation, self.groups)
-        return super()._conv_forward(x, weight, bias)
+        return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
 
 
 def geometry_channels(flags):
@@ -58,8 +64,8 @@ class Gate(nn.Module):
         self.conv1 = Conv3d(3, 8, 3, padding=1)
         self.conv2 = Conv3d(8, channels, 1)
 
-    def forward(self, geom):
-        return torch.sigmoid(self.conv2(F.gelu(self.conv1(geom))))
+    def forward(self, geom, halo=None):
+        return torch.sigmoid(self.conv2(F.gelu(self.conv1(geom, halo))))
 
 
 class Block(nn.Module):
@@ -71,8 +77,8 @@ class Block(nn.Module):
         self.act = nn.PReLU(c, init=0.1)
         self.conv2 = Conv3d(c, c, 3, padding=1, bias=False)
 
-    def forward(self, x, gate):
-        return x + self.conv2(self.act(self.conv1(x)) * gate)
+    def forward(self, x, gate, halo=None):
+        return x + self.conv2(self.act(self.conv1(x, halo)) * gate, halo)
 
 
 class DCDMNet(nn.Module):
@@ -127,16 +133,18 @@ class DCDMNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- geometry: computed once per flags array, reused every iteration --
-    def prepare(self, flags, dtype=torch.float32, device=None):
+    def prepare(self, flags, dtype=torch.float32, device=None, halo=None):
         """Cached per-geometry tensors: padded fluid mask and per-level gates.
-        `flags` int tensor (D, H, W) or (N, D, H, W)."""
+        `flags` int tensor (D, H, W) or (N, D, H, W). With `halo` the flags
+        are one rank's block of the padded grid (halo.py aligns it), so no
+        padding happens here."""
         if not torch.is_tensor(flags):
             flags = torch.as_tensor(flags)
         flags = flags.to(device=device)
         if flags.dim() == 3:
             flags = flags[None]
         shape = tuple(flags.shape[-3:])
-        pad = [(-s) % self.multiple for s in shape]
+        pad = [0, 0, 0] if halo is not None else [(-s) % self.multiple for s in shape]
         # padding cells are solid walls
         flags_p = F.pad(flags, (0, pad[2], 0, pad[1], 0, pad[0]), value=SOLID)
         geom = geometry_channels(flags_p).to(dtype)
@@ -144,30 +152,29 @@ class DCDMNet(nn.Module):
         for l in range(self.levels):
             if l > 0:
                 g = F.avg_pool3d(g, 2)
-            gates.append(self.gates[l](g))
+            gates.append(self.gates[l](g, halo))
         fluid = geom[:, :1]
-        return {"shape": shape, "pad": pad, "fluid": fluid, "gates": gates}
+        return {"shape": shape, "pad": pad, "fluid": fluid, "gates": gates, "halo": halo}
 
     def forward(self, r, geo):
         """r: (N, 1, D, H, W) residual (any scale); geo from prepare()."""
-        pad = geo["pad"]
+        pad, halo, gates = geo["pad"], geo["halo"], geo["gates"]
         x = F.pad(r, (0, pad[2], 0, pad[1], 0, pad[0])) * geo["fluid"]
-        gates = geo["gates"]
-        e = self.inp_act(self.inp(x)) * gates[0]
+        e = self.inp_act(self.inp(x, halo)) * gates[0]
         skips = [e]
         for l in range(1, self.levels):
             e = F.avg_pool3d(e, 2)
-            e = self.down_act[l - 1](self.down[l - 1](e)) * gates[l]
+            e = self.down_act[l - 1](self.down[l - 1](e, halo)) * gates[l]
             for blk in self.blocks[l - 1]:
-                e = blk(e, gates[l])
+                e = blk(e, gates[l], halo)
             skips.append(e)
         u = skips[-1]
         for l in range(self.levels - 1, 0, -1):
             u = F.interpolate(self.reduce[l - 1](u), scale_factor=2, mode="nearest")
             u = u + skips[l - 1]
             if l - 1 >= 1:
-                u = self.up_act[l - 2](self.up[l - 2](u)) * gates[l - 1]
-        y = self.out(u) * geo["fluid"]
+                u = self.up_act[l - 2](self.up[l - 2](u, halo)) * gates[l - 1]
+        y = self.out(u, halo) * geo["fluid"]
         D, H, W = geo["shape"]
         return y[..., :D, :H, :W]
 

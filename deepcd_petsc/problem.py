@@ -180,10 +180,12 @@ class Problem:
         else:
             arr[...] = divergence_rhs(self.pflags, self.box, self.shape, seed)
         arr[self.local_flags != FLUID] = 0.0
+        norm0 = b.norm()
         if self.nullspace is not None:
             self.nullspace.remove(b)
-        if b.norm() == 0.0:
-            raise UserError("the right-hand side is zero on every fluid cell: the solution is x = 0")
+        if b.norm() <= 1e-12 * norm0 or norm0 == 0.0:
+            raise UserError("the right-hand side is zero on every fluid cell (or lies in the null space "
+                            "of a closed region): the solution is x = 0")
         return b
 
     def _load_rhs(self, path):

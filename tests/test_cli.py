@@ -188,16 +188,28 @@ def test_not_converged_exits_1():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py:_shape_from_args: a missing --flags file "
-                   "without --n reports 'give the grid size' instead of the missing file")
 def test_missing_flags_file_without_n_names_the_file(tmp_path):
     r = run_cli(["solve", "--flags", tmp_path / "nope.npy"])
     check_one_line_error(r)
     assert "nope.npy" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py:111: --save-solution into a missing "
-                   "directory raises FileNotFoundError with a traceback, exit 1")
 def test_save_solution_bad_path(tmp_path):
     r = run_cli(["solve", "--n", "8", "--save-solution", tmp_path / "no" / "x.npy"])
     check_one_line_error(r)
+
+
+def test_rhs_in_null_space_is_reported(tmp_path):
+    import numpy as np
+    np.save(tmp_path / "c.npy", np.ones((8, 8, 8)))
+    r = run_cli(["solve", "--scene", "box", "--n", "8", "--rhs", tmp_path / "c.npy"])
+    check_one_line_error(r)
+    assert "null space" in r.stderr
+
+
+def test_flags_with_generated_scene_is_refused(tmp_path):
+    import numpy as np
+    np.save(tmp_path / "f.npy", np.zeros((8, 8, 8), np.int8))
+    r = run_cli(["solve", "--scene", "smoke", "--flags", tmp_path / "f.npy"])
+    check_one_line_error(r)
+    assert "--scene file" in r.stderr
