@@ -7,6 +7,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class SetupError(RuntimeError):
+    """Raised inside the KSP/PC Python contexts for unusable input (model
+    file, grid, options); petsc4py passes it through PETSc unchanged."""
+
+
 @contextlib.contextmanager
 def petsc_errors(what):
     """Turn a PETSc.Error raised inside the block into a one-line UserError
@@ -16,6 +21,8 @@ def petsc_errors(what):
         yield
     except PETSc.Error as e:
         raise UserError(f"{what}: {petsc_message(e)}") from None
+    except SetupError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 def petsc_message(err):

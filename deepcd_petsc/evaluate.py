@@ -6,6 +6,7 @@ import time
 import numpy as np
 import torch
 
+from .model import dirichlet_fraction
 from .operator import PoissonOperator
 from .problem import closed_regions, divergence_rhs
 from .scenes import FLUID, make_flags, padded
@@ -102,7 +103,8 @@ def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
             for seed in seeds:
                 s = TorchSystem(scene, (n, n, n), seed, device)
                 with torch.inference_mode():
-                    geo = net.prepare(torch.as_tensor(s.flags), dtype=dtype, device=device)
+                    geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
+                                      dtype=dtype, device=device)
                 t = time.perf_counter()
                 its, hist = dcdm(s, net, geo, rtol, maxit, dtype=dtype)
                 row = {"scene": scene, "n": n, "seed": seed, "dcdm": its,

@@ -48,12 +48,36 @@ class Conv3d(nn.Conv3d):
         return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
 
 
-def geometry_channels(flags):
-    """(N, 3, D, H, W) float one-hot of fluid / solid / air from int flags."""
+def geometry_channels(flags, dirichlet=None):
+    """(N, 4, D, H, W): one-hot fluid / solid / air from int flags, and the
+    Dirichlet fraction of each fluid cell (air neighbours, open faces
+    included, over non-solid neighbours) -- the part of the boundary that
+    the flags inside the grid cannot show."""
     f = flags.long()
     if f.dim() == 3:
         f = f[None]
-    return torch.stack([(f == FLUID), (f == SOLID), (f == AIR)], 1).float()
+    ch = [(f == FLUID), (f == SOLID), (f == AIR)]
+    ch = [c.float() for c in ch]
+    ch.append(torch.zeros_like(ch[0]) if dirichlet is None
+              else dirichlet.reshape(ch[0].shape).float() * ch[0])
+    return torch.stack(ch, 1)
+
+
+def dirichlet_fraction(flags, open_faces=()):
+    """NumPy (nz, ny, nx): air neighbours / non-solid neighbours of each
+    fluid cell (0 elsewhere), i.e. (diag − Σ|offdiag|)/diag of A's row."""
+    import numpy as np
+    from .scenes import padded
+    p = padded(np.asarray(flags), set(open_faces))
+    nonsolid = np.zeros(flags.shape)
+    air = np.zeros(flags.shape)
+    for sl in ((slice(None, -2), slice(1, -1), slice(1, -1)), (slice(2, None), slice(1, -1), slice(1, -1)),
+               (slice(1, -1), slice(None, -2), slice(1, -1)), (slice(1, -1), slice(2, None), slice(1, -1)),
+               (slice(1, -1), slice(1, -1), slice(None, -2)), (slice(1, -1), slice(1, -1), slice(2, None))):
+        nb = p[sl]
+        nonsolid += nb != SOLID
+        air += nb == AIR
+    return np.where(np.asarray(flags) == FLUID, air / np.maximum(nonsolid, 1), 0.0)
 
 
 class Gate(nn.Module):
@@ -61,7 +85,7 @@ class Gate(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv1 = Conv3d(3, 8, 3, padding=1)
+        self.conv1 = Conv3d(4, 8, 3, padding=1)
         self.conv2 = Conv3d(8, channels, 1)
 
     def forward(self, geom, halo=None):
@@ -133,21 +157,24 @@ class DCDMNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- geometry: computed once per flags array, reused every iteration --
-    def prepare(self, flags, dtype=torch.float32, device=None, halo=None):
+    def prepare(self, flags, dirichlet=None, dtype=torch.float32, device=None, halo=None):
         """Cached per-geometry tensors: padded fluid mask and per-level gates.
-        `flags` int tensor (D, H, W) or (N, D, H, W). With `halo` the flags
-        are one rank's block of the padded grid (halo.py aligns it), so no
-        padding happens here."""
-        if not torch.is_tensor(flags):
-            flags = torch.as_tensor(flags)
-        flags = flags.to(device=device)
+        `flags` int (D, H, W); `dirichlet` the float field of
+        dirichlet_fraction (None: no open boundary). With `halo` both are one
+        rank's block of the padded grid (halo.py aligns it): no padding here."""
+        flags = torch.as_tensor(flags).to(device=device)
         if flags.dim() == 3:
             flags = flags[None]
+        if dirichlet is not None:
+            dirichlet = torch.as_tensor(dirichlet).to(device=device, dtype=torch.float32)
+            dirichlet = dirichlet.reshape(flags.shape)
         shape = tuple(flags.shape[-3:])
         pad = [0, 0, 0] if halo is not None else [(-s) % self.multiple for s in shape]
         # padding cells are solid walls
         flags_p = F.pad(flags, (0, pad[2], 0, pad[1], 0, pad[0]), value=SOLID)
-        geom = geometry_channels(flags_p).to(dtype)
+        if dirichlet is not None:
+            dirichlet = F.pad(dirichlet, (0, pad[2], 0, pad[1], 0, pad[0]))
+        geom = geometry_channels(flags_p, dirichlet).to(device=device, dtype=dtype)
         gates, g = [], geom
         for l in range(self.levels):
             if l > 0:

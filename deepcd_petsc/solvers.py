@@ -89,6 +89,9 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
             if not PETSc.Options(prefix).hasName("ksp_norm_type") and \
                     ksp.getType() in _UNPREC_OK:
                 ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            if PETSc.KSP.Type.PYTHON in (ksp.getType(), ksp.getPC().getType()):
+                from .context import set_flags
+                set_flags(ksp, problem.flags, problem.open_faces)
         x = problem.b.duplicate()
         if x0 is not None:
             x0.copy(x)

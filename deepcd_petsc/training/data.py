@@ -28,6 +28,8 @@ class Geometry:
         self.fluid_idx = torch.from_numpy(np.flatnonzero(flags.ravel() == FLUID))
         self.name = name
         self._op = None
+        from ..model import dirichlet_fraction
+        self.dirichlet = torch.from_numpy(dirichlet_fraction(flags, self.open_faces)).float()
 
     @property
     def op(self):

@@ -109,7 +109,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         gi = int(order.integers(len(geos)))
         g = geos[gi]
         b = g.sample(batch, gen).to(device)
-        geo = model.prepare(torch.as_tensor(g.flags), device=device)
+        geo = model.prepare(g.flags, g.dirichlet, device=device)
         q = model(b[:, None], geo)[:, 0]
         loss = dcdm_loss(b, q, ops[gi])
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,249 @@
+"""What the DCDM KSP and the NetworkPC share: options, model loading, the
+grid and cell flags, and the network evaluator. Geometry comes from (in
+order) deepcd_petsc.set_flags(), or is derived from the operator's rows;
+the grid from the DMDA attached to the KSP/PC, or -<prefix>_dcdm_grid."""
+import os
+
+import numpy as np
+from petsc4py import PETSc
+
+from .errors import SetupError
+
+from .scenes import AIR, FLUID, SOLID
+
+DEVICES = ("cpu", "cuda")
+DTYPE_NAMES = ("float32", "float64", "bfloat16")
+
+
+class NetworkContext:
+    kind = "ksp"   # options are -<prefix><kind>_dcdm_*
+
+    def __init__(self):
+        self.model_path = None
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.threads = None
+        self.grid = None
+        self.net = None
+        self.ckpt = None
+        self.evaluator = None
+        self.flags = None          # user geometry: (flags, open_faces)
+        self.geometry_source = None
+        self.grid_source = None
+
+    # -- options ------------------------------------------------------------
+    def option_prefix(self, obj):
+        return (obj.getOptionsPrefix() or "") + f"{self.kind}_dcdm_"
+
+    def read_options(self, obj):
+        pre = self.option_prefix(obj)
+        opts = PETSc.Options(pre)
+        self.model_path = opts.getString("model", self.model_path)
+        dev = opts.getString("device", self.device)
+        if dev.split(":")[0] not in DEVICES:
+            raise SetupError(f"-{pre}device {dev!r}: use cpu or cuda[:N]")
+        dt = opts.getString("dtype", self.dtype)
+        if dt not in DTYPE_NAMES:
+            raise SetupError(f"-{pre}dtype {dt!r}: use one of {', '.join(DTYPE_NAMES)}")
+        th = opts.getInt("threads", self.threads or 0)
+        if th < 0:
+            raise SetupError(f"-{pre}threads must be >= 0, got {th}")
+        grid = opts.getString("grid") if opts.hasName("grid") else None
+        if grid is not None:
+            try:
+                g = tuple(int(v) for v in grid.split(","))
+                assert len(g) == 3 and min(g) >= 1
+            except (ValueError, AssertionError):
+                raise SetupError(f"-{pre}grid {grid!r}: expected nx,ny,nz") from None
+            self.grid = g
+        if (dev, dt) != (self.device, self.dtype):
+            self.reset_network()
+        self.device, self.dtype, self.threads = dev, dt, th or None
+        return opts
+
+    # -- set-up ---------------------------------------------------------------
+    def reset_network(self):
+        if self.evaluator is not None:
+            self.evaluator.destroy()
+        self.evaluator = None
+
+    def setup_network(self, obj, A):
+        if self.evaluator is not None:
+            return
+        import torch
+        from .evaluator import NetworkEvaluator
+        from .model import DTYPES, ModelFileError, default_model_path, load_model
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        device = self._device(A.getComm())
+        path = self.model_path or default_model_path()
+        try:
+            self.net, self.ckpt = load_model(path, self.dtype, device)
+        except ModelFileError as e:
+            raise SetupError(f"-{self.option_prefix(obj)}model: {e}") from None
+        self.model_path = path
+        da, own = self._grid(obj, A)
+        try:
+            flags, dirichlet = self._geometry(da, A)
+            self.evaluator = NetworkEvaluator(self.net, da, flags, dirichlet,
+                                              DTYPES[self.dtype], device)
+        finally:
+            if own:
+                da.destroy()
+
+    def _device(self, comm):
+        import torch
+        if not self.device.startswith("cuda"):
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise SetupError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        if ":" in self.device:
+            return self.device
+        # one GPU per rank, chosen from the node-local rank
+        local = comm.tompi4py().Split_type(__import__("mpi4py").MPI.COMM_TYPE_SHARED).Get_rank()
+        return f"cuda:{local % torch.cuda.device_count()}"
+
+    def _grid(self, obj, A):
+        """(3D DMDA with dof 1 matching A's rows, whether we created it)."""
+        dm = obj.getDM()
+        if dm is not None and dm.getType() == PETSc.DM.Type.DA:
+            if dm.getDimension() != 3 or dm.getDof() != 1:
+                raise SetupError(f"DCDM needs a 3D DMDA with dof 1; the attached DMDA is "
+                                   f"{dm.getDimension()}D with dof {dm.getDof()}")
+            self._check_rows(dm, A, "the attached DMDA")
+            self.grid_source = "DMDA attached to the solver"
+            return dm, False
+        if self.grid is None:
+            raise SetupError("DCDM needs the 3D grid: attach a DMDA (KSPSetDM/PCSetDM, with "
+                               f"KSPSetDMActive false) or give -{self.option_prefix(obj)}grid nx,ny,nz")
+        da = PETSc.DMDA().create(dim=3, sizes=self.grid, dof=1, stencil_width=1,
+                                 stencil_type=PETSc.DMDA.StencilType.BOX, comm=A.getComm())
+        self._check_rows(da, A, f"-{self.option_prefix(obj)}grid {','.join(map(str, self.grid))}")
+        self.grid_source = "-grid option"
+        return da, True
+
+    @staticmethod
+    def _check_rows(da, A, what):
+        (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+        nloc = (xe - xs) * (ye - ys) * (ze - zs)
+        nglob = int(np.prod(da.getSizes()))
+        rows, cols = A.getSizes()
+        if rows[1] != nglob:
+            raise SetupError(f"grid mismatch: {what} has {nglob} cells "
+                               f"({'x'.join(map(str, da.getSizes()))}), the operator has {rows[1]} rows")
+        if rows[0] != nloc:
+            raise SetupError(f"grid mismatch: {what} gives this rank {nloc} cells, "
+                               f"the operator {rows[0]} rows (decompose A like the DMDA)")
+
+    def _geometry(self, da, A):
+        """(flags, dirichlet) of this rank's block in the DMDA layout."""
+        (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+        local = (ze - zs, ye - ys, xe - xs)
+        if self.flags is not None:
+            flags, faces = self.flags
+            nx, ny, nz = da.getSizes()
+            if flags.shape == (nz, ny, nx):
+                from .model import dirichlet_fraction
+                d = dirichlet_fraction(flags, faces)[zs:ze, ys:ye, xs:xe]
+                self.geometry_source = "set_flags (global array)"
+                return np.ascontiguousarray(flags[zs:ze, ys:ye, xs:xe]), d
+            raise SetupError(f"set_flags: flags of shape {flags.shape} do not match the grid "
+                               f"(nz, ny, nx) = {(nz, ny, nx)}")
+        self.geometry_source = "derived from the operator"
+        return geometry_from_operator(da, A, local)
+
+    # -- view -------------------------------------------------------------------
+    def view_network(self, viewer):
+        p = viewer.printfASCII
+        if self.net is None:
+            p(f"  model: {self.model_path or '(shipped default)'} (not loaded yet)\n")
+            p(f"  device {self.device}, dtype {self.dtype}\n")
+            return
+        p(f"  model: {self.model_path}\n")
+        p(f"    {self.net.n_params()} parameters, levels {self.net.levels}, channels "
+          f"{self.net.config['channels']}, receptive field {self.net.receptive_field()} cells\n")
+        meta = self.ckpt.get("meta", {})
+        if meta:
+            p(f"    trained: scenes {meta.get('scenes')}, sizes {meta.get('n')}, "
+              f"{meta.get('steps')} steps, source {meta.get('revision')}\n")
+        import torch
+        p(f"  device {self.device}, dtype {self.dtype}, torch threads {torch.get_num_threads()}\n")
+        p(f"  grid: {self.grid_source}; geometry: {self.geometry_source}\n")
+        ev = self.evaluator
+        if ev is not None:
+            if ev.dec is not None:
+                d = ev.dec
+                p(f"  distributed evaluation: {d.procs[0]}x{d.procs[1]}x{d.procs[2]} aligned blocks "
+                  f"of the {'x'.join(map(str, d.padded))} padded grid on {d.active_ranks} rank(s)\n")
+            if ev.calls:
+                p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
+                  + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"
+                     if ev.halo is not None else "") + "\n")
+
+
+def geometry_from_operator(da, A, local):
+    """Flags and Dirichlet fractions read off A's rows: a row with
+    off-diagonal couplings is fluid, its diagonal excess (diag − Σ|offdiag|)
+    / diag is its Dirichlet fraction; non-fluid cells next to a fluid cell
+    with excess are air, others solid. Matrix-free operators: all fluid."""
+    n = int(np.prod(local))
+    try:
+        ai, aj, av = A.getValuesCSR()
+    except PETSc.Error:
+        return np.zeros(local, np.int8), np.zeros(local)
+    lo, _ = A.getOwnershipRange()
+    rows = np.repeat(np.arange(n), np.diff(ai))
+    isdiag = aj == rows + lo
+    diag = np.zeros(n)
+    np.add.at(diag, rows[isdiag], av[isdiag].real)
+    off = np.zeros(n)
+    np.add.at(off, rows[~isdiag], np.abs(av[~isdiag]))
+    noff = np.bincount(rows[~isdiag & (av != 0)], minlength=n)
+    fluid = noff > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dirichlet = np.where(fluid & (diag > 0), np.clip((diag - off) / diag, 0.0, 1.0), 0.0)
+    dirichlet[dirichlet < 1e-10] = 0.0
+    # air: non-fluid cells with a fluid neighbour that has a Dirichlet part
+    g = da.createGlobalVec()
+    g.getArray()[...] = (dirichlet > 0).astype(float)
+    loc = da.createLocalVec()
+    da.globalToLocal(g, loc)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, ys, zs), _ = da.getCorners()
+    p = loc.getArray(readonly=True).reshape(gzm, gym, gxm)
+    p = np.pad(p, 1)  # beyond the ghosts: nothing
+    oz, oy, ox = zs - gzs + 1, ys - gys + 1, xs - gxs + 1
+    nz_, ny_, nx_ = local
+    near = np.zeros(local, bool)
+    for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
+        near |= p[oz + dz:oz + dz + nz_, oy + dy:oy + dy + ny_, ox + dx:ox + dx + nx_] > 0
+    g.destroy()
+    loc.destroy()
+    flags = np.where(fluid.reshape(local), FLUID, np.where(near, AIR, SOLID)).astype(np.int8)
+    return flags, dirichlet.reshape(local)
+
+
+def set_flags(obj, flags, open_faces=()):
+    """Give a DCDM KSP and/or NetworkPC the cell flags of the application
+    (int array (nz, ny, nx) of the whole grid, 0 fluid / 1 solid / 2 air,
+    same on every rank) and its open domain faces ("x-", ..., "z+").
+    `obj` is the KSP (its PC is set too when it is a NetworkPC) or a PC."""
+    flags = np.asarray(flags)
+    if flags.ndim != 3 or not np.issubdtype(flags.dtype, np.integer):
+        raise SetupError("set_flags: flags must be a 3D integer array (nz, ny, nx)")
+    if ((flags < 0) | (flags > 2)).any():
+        raise SetupError("set_flags: flag values must be 0 (fluid), 1 (solid) or 2 (air)")
+    targets = []
+    if isinstance(obj, PETSc.KSP):
+        if obj.getType() == PETSc.KSP.Type.PYTHON:
+            targets.append(obj.getPythonContext())
+        pc = obj.getPC()
+        if pc.getType() == PETSc.PC.Type.PYTHON:
+            targets.append(pc.getPythonContext())
+    elif isinstance(obj, PETSc.PC) and obj.getType() == PETSc.PC.Type.PYTHON:
+        targets.append(obj.getPythonContext())
+    targets = [t for t in targets if isinstance(t, NetworkContext)]
+    for t in targets:
+        t.flags = (flags.astype(np.int8), tuple(open_faces))
+        t.reset_network()
+    return len(targets)

@@ -1,0 +1,117 @@
+"""Applying the network to PETSc Vecs of a 3D DMDA, on one rank or many.
+
+One rank: a zero-copy NumPy view of the Vec becomes a torch tensor; the only
+copy is the dtype cast. Several ranks: one VecScatter moves the field to the
+aligned blocks of halo.Decomposition, each rank runs the same nn.Module on
+its block with halo exchanges before every 3×3×3 convolution, and the
+reverse scatter brings the result back. No rank ever holds the whole field.
+"""
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .halo import Decomposition, HaloExchange
+from .scenes import SOLID
+
+
+def _tensor(a):
+    return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+class NetworkEvaluator:
+    """y = f(x) for DMDA-layout Vecs. `flags_local`: this rank's (zm, ym, xm)
+    block of cell flags in the user's DMDA layout."""
+
+    def __init__(self, net, da, flags_local, dirichlet_local=None, dtype=torch.float32, device="cpu"):
+        from petsc4py import PETSc
+        self.net, self.dtype, self.device = net, dtype, torch.device(device)
+        self.comm = da.getComm()
+        self.shape = tuple(da.getSizes())          # (nx, ny, nz)
+        (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+        self.local_shape = (ze - zs, ye - ys, xe - xs)
+        self.forward_s = 0.0
+        self.calls = 0
+        self.halo = None
+        if self.comm.getSize() == 1:
+            self.dec = None
+            flags = torch.as_tensor(np.ascontiguousarray(flags_local, dtype=np.int8))
+            with torch.inference_mode():
+                self.geo = net.prepare(flags, _tensor(dirichlet_local), dtype=dtype,
+                                       device=self.device)
+            return
+        from .layout import Layout
+        mpicomm = self.comm.tompi4py()
+        self.dec = Decomposition(self.shape, net.multiple, self.comm.getSize(), self.comm.getRank())
+        (bx0, bx1), (by0, by1), (bz0, bz1) = self.dec.real_block
+        k, j, i = np.meshgrid(np.arange(bz0, bz1), np.arange(by0, by1),
+                              np.arange(bx0, bx1), indexing="ij")
+        src = Layout.from_da(da).petsc_index(k, j, i).ravel().astype(PETSc.IntType)
+        self.real_shape = (bz1 - bz0, by1 - by0, bx1 - bx0)
+        self.work = PETSc.Vec().createMPI((src.size, PETSc.DECIDE), comm=self.comm)
+        lo, _ = self.work.getOwnershipRange()
+        is_from = PETSc.IS().createGeneral(src, comm=self.comm)
+        is_to = PETSc.IS().createStride(src.size, lo, 1, comm=self.comm)
+        user = da.createGlobalVec()
+        self.scatter = PETSc.Scatter().create(user, is_from, self.work, is_to)
+        is_from.destroy()
+        is_to.destroy()
+        # geometry travels the same way, as floats
+        inner = tuple(slice(0, s) for s in self.real_shape)
+        block = np.full(self._block_shape(), SOLID, np.int8)
+        dblock = np.zeros(self._block_shape()) if dirichlet_local is not None else None
+        for field, out in ((flags_local, block), (dirichlet_local, dblock)):
+            if field is None:
+                continue
+            user.getArray().reshape(self.local_shape)[...] = field
+            self._to_blocks(user)
+            out[inner] = self.work.getArray(readonly=True).reshape(self.real_shape)
+        user.destroy()
+        self.halo = HaloExchange(self.dec, mpicomm)
+        if self.dec.active:
+            with torch.inference_mode():
+                self.geo = self.net.prepare(torch.as_tensor(block), _tensor(dblock), dtype=dtype,
+                                            device=self.device, halo=self.halo)
+
+    def _block_shape(self):
+        (x0, x1), (y0, y1), (z0, z1) = self.dec.block
+        return (z1 - z0, y1 - y0, x1 - x0)
+
+    def _to_blocks(self, vec):
+        from petsc4py import PETSc
+        self.scatter.scatter(vec, self.work, PETSc.InsertMode.INSERT, PETSc.ScatterMode.FORWARD)
+
+    def _run(self, x):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            r = x.to(device=self.device, dtype=self.dtype)[None, None]
+            y = self.net(r, self.geo)[0, 0]
+            y = y.to(device="cpu", dtype=torch.float64)
+        self.forward_s += time.perf_counter() - t
+        self.calls += 1
+        return y
+
+    def apply(self, x, y, scale=1.0):
+        """y = f(scale·x): PETSc Vecs in the DMDA layout."""
+        from petsc4py import PETSc
+        if self.dec is None:
+            with warnings.catch_warnings():  # read-only view: we never write to it
+                warnings.simplefilter("ignore", UserWarning)
+                xa = torch.from_numpy(x.getArray(readonly=True).reshape(self.local_shape))
+            out = self._run(xa * scale if scale != 1.0 else xa)
+            y.getArray().reshape(self.local_shape)[...] = out.numpy()
+            return
+        self._to_blocks(x)
+        wa = self.work.getArray().reshape(self.real_shape)
+        if self.dec.active:
+            block = torch.zeros(self._block_shape(), dtype=torch.float64)
+            block[tuple(slice(0, s) for s in self.real_shape)] = torch.from_numpy(wa)
+            out = self._run(block * scale)
+            wa[...] = out[tuple(slice(0, s) for s in self.real_shape)].numpy()
+        self.scatter.scatter(self.work, y, PETSc.InsertMode.INSERT, PETSc.ScatterMode.REVERSE)
+
+    def destroy(self):
+        if self.dec is not None:
+            self.scatter.destroy()
+            self.work.destroy()

@@ -1,0 +1,170 @@
+"""DCDM as a PETSc KSP Python context:
+
+    -ksp_type python -ksp_python_type deepcd_petsc.DCDM
+
+The iteration (Kaneda et al., ICML 2023): d = f(r/‖r‖), A-orthogonalised
+against the last m directions, α = dᵀr/dᵀAd, x += αd, r −= αAd. All Krylov
+arithmetic is float64 PETSc Vec operations (global dot products), the
+network runs in its own dtype. A safeguard replaces a useless network
+direction by the Jacobi-preconditioned residual so DCDM never stalls where
+CG converges.
+"""
+from petsc4py import PETSc
+
+from .errors import SetupError
+
+from .context import NetworkContext
+
+
+class DCDM(NetworkContext):
+    kind = "ksp"
+
+    def __init__(self):
+        super().__init__()
+        self.northo = 2
+        self.stagnation = 0.999   # ‖r_new‖ > this·‖r_old‖ counts as stagnation
+        self.fallbacks = 0
+        self.total_fallbacks = 0
+
+    # -- PETSc protocol ---------------------------------------------------
+    def create(self, ksp):
+        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        ksp.getPC().setType(PETSc.PC.Type.NONE)   # DCDM's preconditioner is the network
+
+    def setFromOptions(self, ksp):
+        opts = self.read_options(ksp)
+        m = opts.getInt("northo", self.northo)
+        if m < 0:
+            raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
+        self.northo = m
+        self.stagnation = opts.getReal("stagnation", self.stagnation)
+
+    def setUp(self, ksp):
+        A, _ = ksp.getOperators()
+        self.setup_network(ksp, A)
+
+    def reset(self, ksp):
+        self.reset_network()
+
+    def destroy(self, ksp):
+        self.reset_network()
+
+    def view(self, ksp, viewer):
+        viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s), "
+                           f"safeguard = Jacobi-preconditioned residual\n")
+        viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
+                           f"{self.total_fallbacks} in all\n")
+        self.view_network(viewer)
+
+    # -- the iteration ----------------------------------------------------
+    def solve(self, ksp, b, x):
+        A, _ = ksp.getOperators()
+        if self.evaluator is None:
+            self.setUp(ksp)
+        work = [b.duplicate() for _ in range(4 + 2 * self.northo)]
+        try:
+            self._iterate(ksp, A, b, x, *work)
+        finally:
+            for v in work:
+                v.destroy()
+
+    def _iterate(self, ksp, A, b, x, r, d, Ad, minv, *pool):
+        nullsp = A.getNullSpace()
+        try:
+            A.getDiagonal(minv)
+            minv.reciprocal()
+            if not self._finite(minv):
+                minv.set(1.0)
+        except PETSc.Error:
+            minv.set(1.0)          # shell operators without a diagonal: plain residual
+        if ksp.getInitialGuessNonzero():
+            A.mult(x, r)
+            r.aypx(-1.0, b)
+        else:
+            x.set(0.0)
+            b.copy(r)
+        pairs = [(pool[2 * i], pool[2 * i + 1]) for i in range(self.northo)]
+        dirs = []                   # (p, Ap, pᵀAp) of the last m directions
+        self.fallbacks = 0
+        its = 0
+        rn = r.norm()
+        max_it = ksp.getTolerances()[3]
+        if not self._report(ksp, its, rn):
+            return
+        force_fallback = False
+        while True:
+            if its >= max_it:
+                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT)
+                return
+            used_fallback = force_fallback
+            if not force_fallback:
+                self.evaluator.apply(r, d, scale=1.0 / rn)
+                if not self._finite(d):
+                    used_fallback = True
+            if used_fallback:
+                d.pointwiseMult(minv, r)
+            dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
+            if not used_fallback and not (dr > 0.0 and dAd > 0.0):
+                # not a descent direction: take the classical one instead
+                used_fallback = True
+                d.pointwiseMult(minv, r)
+                dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
+            if used_fallback:
+                self.fallbacks += 1
+                self.total_fallbacks += 1
+            if dAd != dAd or dr != dr or abs(dAd) == float("inf"):
+                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
+                return
+            if dAd <= 0.0:
+                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_INDEFINITE_MAT)
+                return
+            if dr <= 0.0:
+                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_BREAKDOWN)
+                return
+            alpha = dr / dAd
+            x.axpy(alpha, d)
+            r.axpy(-alpha, Ad)
+            if self.northo:
+                p, q = pairs[its % self.northo]
+                d.copy(p)
+                Ad.copy(q)
+                dirs = (dirs + [(p, q, dAd)])[-self.northo:]
+            its += 1
+            rn_old, rn = rn, r.norm()
+            force_fallback = rn > self.stagnation * rn_old
+            if not self._report(ksp, its, rn):
+                return
+
+    def _direction(self, A, nullsp, r, d, Ad, dirs):
+        """Project d out of the null space, A-orthogonalise it against the
+        previous directions (updating Ad without another MatMult), and
+        return (dᵀr, dᵀAd)."""
+        if nullsp is not None:
+            nullsp.remove(d)
+        A.mult(d, Ad)
+        for p, q, pAp in dirs:
+            c = Ad.dot(p) / pAp
+            d.axpy(-c, p)
+            Ad.axpy(-c, q)
+        return d.dot(r), d.dot(Ad)
+
+    @staticmethod
+    def _finite(v):
+        n = v.norm(PETSc.NormType.NORM_INFINITY)
+        return n == n and n != float("inf") and n > 0.0
+
+    @staticmethod
+    def _report(ksp, its, rn):
+        """Record, monitor and test; False once a reason is set."""
+        ksp.setIterationNumber(its)
+        ksp.setResidualNorm(rn)
+        ksp.logConvergenceHistory(rn)
+        ksp.monitor(its, rn)
+        if rn != rn or rn == float("inf"):
+            ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
+            return False
+        reason = ksp.callConvergenceTest(its, rn)
+        if reason:
+            ksp.setConvergedReason(reason)
+            return False
+        return True
