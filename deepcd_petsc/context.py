@@ -38,17 +38,19 @@ class NetworkContext:
     def read_options(self, obj):
         pre = self.option_prefix(obj)
         opts = PETSc.Options(pre)
-        self.model_path = opts.getString("model", self.model_path)
-        dev = opts.getString("device", self.device)
+        def text(name, default):  # petsc4py treats a None default as "required"
+            return opts.getString(name) if opts.hasName(name) else default
+        self.model_path = text("model", self.model_path)
+        dev = text("device", self.device)
         if dev.split(":")[0] not in DEVICES:
             raise SetupError(f"-{pre}device {dev!r}: use cpu or cuda[:N]")
-        dt = opts.getString("dtype", self.dtype)
+        dt = text("dtype", self.dtype)
         if dt not in DTYPE_NAMES:
             raise SetupError(f"-{pre}dtype {dt!r}: use one of {', '.join(DTYPE_NAMES)}")
         th = opts.getInt("threads", self.threads or 0)
         if th < 0:
             raise SetupError(f"-{pre}threads must be >= 0, got {th}")
-        grid = opts.getString("grid") if opts.hasName("grid") else None
+        grid = text("grid", None)
         if grid is not None:
             try:
                 g = tuple(int(v) for v in grid.split(","))

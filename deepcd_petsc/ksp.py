@@ -104,8 +104,10 @@ class DCDM(NetworkContext):
             if used_fallback:
                 d.pointwiseMult(minv, r)
             dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
-            if not used_fallback and not (dr > 0.0 and dAd > 0.0):
-                # not a descent direction: take the classical one instead
+            if not used_fallback and not (dr != 0.0 and dAd > 0.0):
+                # the network direction is useless here (orthogonal to r, or
+                # no curvature): take the classical one instead. Its sign does
+                # not matter: α = dᵀr/dᵀAd follows it.
                 used_fallback = True
                 d.pointwiseMult(minv, r)
                 dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
@@ -118,7 +120,7 @@ class DCDM(NetworkContext):
             if dAd <= 0.0:
                 ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_INDEFINITE_MAT)
                 return
-            if dr <= 0.0:
+            if dr == 0.0:
                 ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_BREAKDOWN)
                 return
             alpha = dr / dAd

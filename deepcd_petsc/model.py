@@ -10,7 +10,10 @@ f(r, flags) ≈ c·A⁻¹ r. Why this shape:
 - most convolutions run at coarse levels (1/8 the cost per level down), the
   finest level has few channels: the network must cost few MatMults.
 """
+import json
 import math
+import os
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -221,28 +224,28 @@ class ModelFileError(Exception):
 
 
 def default_model_path():
-    import os
     return os.path.join(os.path.dirname(__file__), "models", "default.pt")
 
 
-def save_checkpoint(path, model, meta=None, train_state=None):
-    """Write {format, version, config, state_dict, meta[, train_state]}
-    atomically (temp file + rename): a crash never leaves half a model."""
-    import json
-    import os
-    import tempfile
+def save_checkpoint(path, model, meta=None):
+    """Write {format, version, config, state_dict, meta} atomically."""
     ckpt = {"format": FORMAT, "version": VERSION, "config": model.config,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             # plain JSON types only: loadable with weights_only=True
             "meta": json.loads(json.dumps(meta or {}, default=str))}
-    if train_state is not None:
-        ckpt["train_state"] = train_state
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same directory, then rename: a crash
+    never leaves half a file, and readers never see one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
     os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -253,7 +256,6 @@ def save_checkpoint(path, model, meta=None, train_state=None):
 def read_checkpoint(path):
     """The checkpoint dict, validated; never executes code from the file
     (weights_only=True)."""
-    import os
     if not os.path.exists(path):
         raise ModelFileError(f"model file {path!r} does not exist")
     try:

@@ -59,4 +59,6 @@ class NetworkPC(NetworkContext):
             x.copy(y)   # zero stays zero; NaN propagates to the KSP's own checks
             return
         self.evaluator.apply(x, y, scale=1.0 / n)
-        y.scale(n)
+        # f approximates c·A⁻¹ for an unknown c of either sign; flexible
+        # Krylov methods want xᵀPx > 0, so orient y along x
+        y.scale(n if y.dot(x) >= 0 else -n)

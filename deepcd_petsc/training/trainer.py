@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from ..model import DCDMNet, DEFAULT_CONFIG, read_checkpoint, save_checkpoint, build
+from ..model import DCDMNet, DEFAULT_CONFIG, atomic_save, build, read_checkpoint, save_checkpoint
 from .data import make_geometry
 
 
@@ -42,15 +42,16 @@ def train_seeds(seed, count):
 def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
           time_budget=None, seed=0, lanczos=400, geometries=3, batch=8, lr=1e-3,
           device="cpu", cache=None, resume=False, config=None, log=print,
-          checkpoint_every=60.0, progress=True):
+          checkpoint_every=60.0, progress=True, stop_at=None):
     """Train a DCDMNet; writes `out` (checkpoint), returns (model, meta)."""
     torch.manual_seed(seed)
     state = None
-    if resume and os.path.exists(out):
+    state_path = out + ".state"
+    if resume:
+        if not (os.path.exists(out) and os.path.exists(state_path)):
+            raise ValueError(f"cannot resume: {out!r} and its training state {state_path!r} must both exist")
         ck = read_checkpoint(out)
-        state = ck.get("train_state")
-        if state is None:
-            raise ValueError(f"{out!r} holds no training state: cannot resume")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         config = ck["config"]
         meta0 = ck["meta"]
         scenes, n, seed = meta0["scenes"], meta0["n"], meta0["seed"]
@@ -69,14 +70,12 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     log(f"training data: {len(geos)} geometries at sizes {sizes}, {lanczos} Lanczos steps each, {t_data:.1f} s")
     ops = [g.op.to(device=device) for g in geos]
     gen = torch.Generator().manual_seed(seed)
-    order = np.random.default_rng(seed)
     step, losses, elapsed0 = 0, [], 0.0
     if state:
-        model.load_state_dict(read_checkpoint(out)["state_dict"])
+        model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(state["optimizer"])
         step, losses, elapsed0 = state["step"], list(state["losses"]), state["elapsed"]
         gen.set_state(state["gen"])
-        order = np.random.default_rng(seed + 7919 * step)
         log(f"resuming {out} at step {step}")
     meta = {"scenes": list(scenes), "n": n, "seed": seed, "lanczos": lanczos,
             "geometries": geometries, "batch": batch, "lr": lr,
@@ -94,19 +93,22 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
 
     def snapshot():
         meta.update(steps=step, losses=losses, train_s=elapsed0 + time.perf_counter() - t0)
-        save_checkpoint(out, model, meta, train_state={
-            "optimizer": opt.state_dict(), "step": step, "losses": losses,
-            "elapsed": elapsed0 + time.perf_counter() - t0, "gen": gen.get_state()})
+        # the training state (Adam moments, RNG) lives beside the model, so
+        # the model file itself stays small and shippable
+        atomic_save({"optimizer": opt.state_dict(), "step": step, "losses": losses,
+                     "elapsed": elapsed0 + time.perf_counter() - t0,
+                     "gen": gen.get_state()}, state_path)
+        save_checkpoint(out, model, meta)
 
     model.train()
-    while step < total:
+    while step < (stop_at or total):
         elapsed = elapsed0 + time.perf_counter() - t0
         if time_budget and elapsed >= time_budget:
             break
         frac = max(step / total, elapsed / time_budget if time_budget else 0.0)
         for gr in opt.param_groups:
             gr["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        gi = int(order.integers(len(geos)))
+        gi = int(np.random.default_rng([seed, step]).integers(len(geos)))  # resumable
         g = geos[gi]
         b = g.sample(batch, gen).to(device)
         geo = model.prepare(g.flags, g.dirichlet, device=device)
