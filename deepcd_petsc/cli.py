@@ -116,6 +116,8 @@ def _shape_from_args(a):
 
 
 def init_petsc(petsc_args):
+    from . import errors
+    errors.CALLER_REPORTS = True   # petsc_errors() prints them as one line
     import petsc4py
     petsc4py.init([sys.argv[0]] + petsc_args)
     from petsc4py import PETSc

@@ -12,6 +12,31 @@ class SetupError(RuntimeError):
     file, grid, options); petsc4py passes it through PETSc unchanged."""
 
 
+# Whether the caller prints SetupErrors itself (the deepcd CLI does). From a
+# C program PETSc shows only "error code -1", so by default the contexts
+# print the message before PETSc unwinds.
+CALLER_REPORTS = False
+
+
+def reported(method):
+    """Decorator for Python-context methods: print a SetupError's message
+    (rank 0) before re-raising it into PETSc."""
+    import functools
+    import sys
+
+    @functools.wraps(method)
+    def wrapper(*args, **kw):
+        try:
+            return method(*args, **kw)
+        except SetupError as e:
+            if not CALLER_REPORTS:
+                from petsc4py import PETSc
+                if PETSc.COMM_WORLD.getRank() == 0:
+                    print(f"deepcd_petsc error: {e}", file=sys.stderr, flush=True)
+            raise
+    return wrapper
+
+
 @contextlib.contextmanager
 def petsc_errors(what):
     """Turn a PETSc.Error raised inside the block into a one-line UserError

@@ -9,9 +9,11 @@ network runs in its own dtype. A safeguard replaces a useless network
 direction by the Jacobi-preconditioned residual so DCDM never stalls where
 CG converges.
 """
+import time
+
 from petsc4py import PETSc
 
-from .errors import SetupError
+from .errors import SetupError, reported
 
 from .context import NetworkContext
 
@@ -25,12 +27,14 @@ class DCDM(NetworkContext):
         self.stagnation = 0.999   # ‖r_new‖ > this·‖r_old‖ counts as stagnation
         self.fallbacks = 0
         self.total_fallbacks = 0
+        self.timing = {}
 
     # -- PETSc protocol ---------------------------------------------------
     def create(self, ksp):
         ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
         ksp.getPC().setType(PETSc.PC.Type.NONE)   # DCDM's preconditioner is the network
 
+    @reported
     def setFromOptions(self, ksp):
         opts = self.read_options(ksp)
         m = opts.getInt("northo", self.northo)
@@ -39,6 +43,7 @@ class DCDM(NetworkContext):
         self.northo = m
         self.stagnation = opts.getReal("stagnation", self.stagnation)
 
+    @reported
     def setUp(self, ksp):
         A, _ = ksp.getOperators()
         self.setup_network(ksp, A)
@@ -54,21 +59,37 @@ class DCDM(NetworkContext):
                            f"safeguard = Jacobi-preconditioned residual\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
                            f"{self.total_fallbacks} in all\n")
+        t, its = self.timing, ksp.getIterationNumber()
+        if t.get("total") and its:
+            viewer.printfASCII("  per iteration (last solve): " + ", ".join(
+                f"{k} {t[k] / its * 1e3:.2f} ms" for k in
+                ("total", "network", "forward", "halo", "matmult", "orthogonalise", "other")) + "\n")
         self.view_network(viewer)
 
     # -- the iteration ----------------------------------------------------
+    @reported
     def solve(self, ksp, b, x):
         A, _ = ksp.getOperators()
         if self.evaluator is None:
             self.setUp(ksp)
-        work = [b.duplicate() for _ in range(4 + 2 * self.northo)]
+        work = [b.duplicate() for _ in range(4 + 2 * self.northo)]  # r, minv, m+1 pairs (d, Ad)
+        self.timing = dict.fromkeys(("network", "matmult", "orthogonalise", "total"), 0.0)
+        ev = self.evaluator
+        f0, h0 = ev.forward_s, (ev.halo.seconds if ev.halo is not None else 0.0)
+        t0 = time.perf_counter()
         try:
             self._iterate(ksp, A, b, x, *work)
         finally:
             for v in work:
                 v.destroy()
+            t = self.timing
+            t["total"] = time.perf_counter() - t0
+            # of the network time: the forward pass itself and the halo exchange
+            t["forward"] = ev.forward_s - f0
+            t["halo"] = (ev.halo.seconds if ev.halo is not None else 0.0) - h0
+            t["other"] = t["total"] - t["network"] - t["matmult"] - t["orthogonalise"]
 
-    def _iterate(self, ksp, A, b, x, r, d, Ad, minv, *pool):
+    def _iterate(self, ksp, A, b, x, r, minv, *pool):
         nullsp = A.getNullSpace()
         try:
             A.getDiagonal(minv)
@@ -83,7 +104,8 @@ class DCDM(NetworkContext):
         else:
             x.set(0.0)
             b.copy(r)
-        pairs = [(pool[2 * i], pool[2 * i + 1]) for i in range(self.northo)]
+        # m+1 buffer pairs rotate: the newest direction is kept by reference
+        free = [(pool[2 * i], pool[2 * i + 1]) for i in range(self.northo + 1)]
         dirs = []                   # (p, Ap, pᵀAp) of the last m directions
         self.fallbacks = 0
         its = 0
@@ -96,9 +118,12 @@ class DCDM(NetworkContext):
             if its >= max_it:
                 ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT)
                 return
+            d, Ad = free[-1]
             used_fallback = force_fallback
             if not force_fallback:
+                tn = time.perf_counter()
                 self.evaluator.apply(r, d, scale=1.0 / rn)
+                self.timing["network"] += time.perf_counter() - tn
                 if not self._finite(d):
                     used_fallback = True
             if used_fallback:
@@ -126,11 +151,11 @@ class DCDM(NetworkContext):
             alpha = dr / dAd
             x.axpy(alpha, d)
             r.axpy(-alpha, Ad)
-            if self.northo:
-                p, q = pairs[its % self.northo]
-                d.copy(p)
-                Ad.copy(q)
-                dirs = (dirs + [(p, q, dAd)])[-self.northo:]
+            free.pop()
+            dirs.append((d, Ad, dAd))
+            if len(dirs) > self.northo:
+                p, q, _ = dirs.pop(0)
+                free.append((p, q))
             its += 1
             rn_old, rn = rn, r.norm()
             force_fallback = rn > self.stagnation * rn_old
@@ -143,11 +168,19 @@ class DCDM(NetworkContext):
         return (dᵀr, dᵀAd)."""
         if nullsp is not None:
             nullsp.remove(d)
+        t0 = time.perf_counter()
         A.mult(d, Ad)
-        for p, q, pAp in dirs:
-            c = Ad.dot(p) / pAp
-            d.axpy(-c, p)
-            Ad.axpy(-c, q)
+        t1 = time.perf_counter()
+        if dirs:
+            # the last m directions are mutually A-orthogonal, so classical
+            # Gram-Schmidt (one global reduction) equals the modified one
+            for p, _, _ in dirs:
+                Ad.dotBegin(p)
+            c = [-Ad.dotEnd(p) / pAp for p, _, pAp in dirs]
+            d.maxpy(c, [p for p, _, _ in dirs])
+            Ad.maxpy(c, [q for _, q, _ in dirs])
+        self.timing["matmult"] += t1 - t0
+        self.timing["orthogonalise"] += time.perf_counter() - t1
         return d.dot(r), d.dot(Ad)
 
     @staticmethod

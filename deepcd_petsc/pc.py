@@ -11,6 +11,7 @@ import sys
 from petsc4py import PETSc
 
 from .context import NetworkContext
+from .errors import reported
 
 FLEXIBLE = {"fcg", "pipefcg", "gcr", "pipegcr", "fgmres", "fbcgsr", "python"}
 
@@ -23,9 +24,11 @@ class NetworkPC(NetworkContext):
         self.warned = False
         self.ksp_type = None
 
+    @reported
     def setFromOptions(self, pc):
         self.read_options(pc)
 
+    @reported
     def setUp(self, pc):
         A, _ = pc.getOperators()
         self.setup_network(pc, A)
@@ -51,6 +54,7 @@ class NetworkPC(NetworkContext):
                       "the network is nonlinear and may stall it. Use -ksp_type fcg, gcr or fgmres.",
                       file=sys.stderr, flush=True)
 
+    @reported
     def apply(self, pc, x, y):
         if self.evaluator is None:
             self.setUp(pc)

@@ -77,6 +77,7 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
     set_options(prefix, options)
     comm = problem.da.getComm()
     ksp = PETSc.KSP().create(comm)
+    ok = False
     try:
         ksp.setOptionsPrefix(prefix)
         ksp.setOperators(problem.A)
@@ -121,11 +122,14 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
             "solve_s": t2 - t1,
             "ranks": comm.getSize(),
         }
+        ok = True
         if keep:
             return result, ksp, x
         x.destroy()
         return result
     finally:
-        if not keep:
+        # a Python-typed KSP left to the garbage collector crashes PETSc 3.18
+        # at exit: destroy it whenever it is not handed to the caller
+        if not (keep and ok):
             ksp.destroy()
         clear_options(prefix, options)
