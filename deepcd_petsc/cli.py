@@ -87,6 +87,17 @@ def build_parser():
     e.add_argument("--threads", type=int)
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
     e.add_argument("--json", action="store_true")
+    bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
+    bp.add_argument("--scenes", default="spheres,liquid")
+    bp.add_argument("--sizes", default="32,64")
+    bp.add_argument("--solvers", default="dcdm,fcg+net,cg,cg+jacobi,cg+icc,cg+gamg,cg+hypre,cg+mg")
+    bp.add_argument("--seed", type=int, default=7)
+    bp.add_argument("--repeats", type=int, default=3, help="runs per solver; the first is a warm-up when > 1")
+    bp.add_argument("--rtol", type=float, default=1e-6)
+    bp.add_argument("--model", help="checkpoint (default: the shipped model)")
+    bp.add_argument("--threads", type=int, help="torch threads per rank")
+    bp.add_argument("--northo", type=int, help="DCDM's A-orthogonalised directions")
+    bp.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, PNGs")
     return ap
 
 
@@ -287,7 +298,38 @@ def cmd_evaluate(a, petsc_args):
     return 0
 
 
-COMMANDS = {"solve": cmd_solve, "info": cmd_info, "train": cmd_train,
+def cmd_bench(a, petsc_args):
+    PETSc = init_petsc(petsc_args)
+    from .bench import ALL_SOLVERS, bench, machine_info, write_report
+    solvers = [s.strip() for s in a.solvers.split(",") if s.strip()]
+    bad = [s for s in solvers if s not in ALL_SOLVERS]
+    if bad or not solvers:
+        raise UserError(f"unknown solver(s) {bad}; choose from {', '.join(ALL_SOLVERS)}")
+    if a.model:
+        from .model import ModelFileError, read_checkpoint
+        try:
+            read_checkpoint(a.model)
+        except ModelFileError as e:
+            raise UserError(str(e)) from None
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    rank = PETSc.COMM_WORLD.getRank()
+    rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
+                 a.rtol, a.model, a.threads, a.northo,
+                 log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
+    if rank == 0:
+        cmd = "deepcd " + " ".join(sys.argv[1:])
+        size = PETSc.COMM_WORLD.getSize()
+        if size > 1:
+            cmd = f"mpiexec -n {size} " + cmd
+        text, plots = write_report(rows, machine_info(PETSc.COMM_WORLD), a.out, cmd)
+        print(text)
+        print(f"wrote {a.out}/bench.json, bench.md and {len(plots)} plot(s)")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "solve": cmd_solve, "info": cmd_info, "train": cmd_train,
             "evaluate": cmd_evaluate}
 
 

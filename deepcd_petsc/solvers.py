@@ -68,7 +68,7 @@ def clear_options(prefix, opts):
         o.delValue(k)
 
 
-def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
+def run_ksp(problem, prefix="", options=None, x0=None, keep=False, history=False):
     """Solve problem.A x = problem.b with a KSP configured by the options
     database (plus `options` under `prefix`). Returns a result dict; with
     keep=True also the KSP and solution (caller destroys them)."""
@@ -93,6 +93,10 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
             if PETSc.KSP.Type.PYTHON in (ksp.getType(), ksp.getPC().getType()):
                 from .context import set_flags
                 set_flags(ksp, problem.flags, problem.open_faces)
+        times = []
+        if history:
+            ksp.setConvergenceHistory()
+            ksp.setMonitor(lambda k, its, rn: times.append(time.perf_counter()))
         x = problem.b.duplicate()
         if x0 is not None:
             x0.copy(x)
@@ -122,6 +126,10 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False):
             "solve_s": t2 - t1,
             "ranks": comm.getSize(),
         }
+        if history:
+            bn = problem.b.norm()
+            result["history"] = [float(v) / bn for v in ksp.getConvergenceHistory()]
+            result["times"] = [t - t1 for t in times]
         ok = True
         if keep:
             return result, ksp, x

@@ -76,3 +76,11 @@ def reference_matrix(flags, open_faces):
                         diag += 1  # air beyond an open face
                 rows.append(r); cols.append(r); vals.append(float(diag))
     return sp.csr_matrix((vals, (rows, cols)), shape=(N, N))
+
+
+def run_python(args, timeout=300):
+    """`python *args` from the repository root, in the tests' environment
+    (for checks that may crash the interpreter, kept out of pytest's)."""
+    cmd = [sys.executable, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=REPO)
