@@ -255,7 +255,7 @@ def cmd_train(a, petsc_args):
                           lanczos=a.lanczos, geometries=a.geometries, batch=a.batch,
                           lr=a.lr, device=_device(a.device), cache=a.cache,
                           resume=a.resume, config=config)
-    except ModelFileError as e:
+    except (ModelFileError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(meta['losses'][-100:]) / len(meta['losses'][-100:]):.4f}")
     if a.no_card:

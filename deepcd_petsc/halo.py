@@ -122,3 +122,19 @@ class HaloExchange:
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def halo_cost(net, block, bytes_per_value=4):
+    """Per network application on one rank with a cubic block of side
+    `block` (fine cells): (halo bytes sent, convolution FLOPs, number of
+    halo exchanges). Halo: three phases send 2b², 2b(b+2), 2(b+2)² values
+    per channel (faces, then edges, then corners)."""
+    sent = flops = 0
+    exchanges = 0
+    for level, cin, cout, k in net.conv_plan():
+        b = max(block // 2 ** level, 1)
+        flops += 2 * k ** 3 * cin * cout * b ** 3
+        if k > 1:
+            exchanges += 1
+            sent += (2 * b * b + 2 * b * (b + 2) + 2 * (b + 2) ** 2) * cin * bytes_per_value
+    return sent, flops, exchanges

@@ -51,6 +51,14 @@ class Conv3d(nn.Conv3d):
         return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
 
 
+def pool2(x):
+    """2x2x2 average pooling; in float32 for bfloat16 on the CPU, where
+    torch has no bfloat16 kernel for it."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.avg_pool3d(x.float(), 2).to(torch.bfloat16)
+    return F.avg_pool3d(x, 2)
+
+
 def geometry_channels(flags, dirichlet=None):
     """(N, 4, D, H, W): one-hot fluid / solid / air from int flags, and the
     Dirichlet fraction of each fluid cell (air neighbours, open faces
@@ -140,21 +148,33 @@ class DCDMNet(nn.Module):
         """Grid sizes are padded to a multiple of this (2^(levels-1))."""
         return 2 ** (self.levels - 1)
 
-    def receptive_field(self):
-        """Receptive field in fine cells along one axis (exact for this
-        architecture's chain of 3x3x3 convolutions, pools and upsamplings)."""
-        rf, step = 1, 1
-        rf += 2 * step                     # inp
+    def conv_plan(self):
+        """(level, C_in, C_out, kernel) of every convolution on the residual
+        path, in execution order (cost model, receptive field)."""
+        plan = [(0, 1, self.inp.out_channels, 3)]
         for l in range(1, self.levels):
-            step *= 2                      # pool
-            rf += step - 1
-            nconv = 1 + 2 * len(self.blocks[l - 1])
-            rf += 2 * step * nconv
-        for l in range(self.levels - 2, 0, -1):
-            step //= 2
-            rf += 2 * step                 # up conv
-        rf += 2                            # out
-        return rf
+            d = self.down[l - 1]
+            plan.append((l, d.in_channels, d.out_channels, 3))
+            for blk in self.blocks[l - 1]:
+                c = blk.conv1.in_channels
+                plan += [(l, c, c, 3), (l, c, c, 3)]
+        for l in range(self.levels - 1, 0, -1):
+            r = self.reduce[l - 1]
+            plan.append((l, r.in_channels, r.out_channels, 1))
+            if l - 1 >= 1:
+                u = self.up[l - 2]
+                plan.append((l - 1, u.in_channels, u.out_channels, 3))
+        plan.append((0, self.out.in_channels, 1, 3))
+        return plan
+
+    def receptive_field(self):
+        """Width 2·reach + 1 of the window of input cells that can influence
+        one output cell, where reach = Σ (k//2)·2^level over the convolutions
+        plus 2^(levels−1) − 1 for where a cell sits inside its coarsest
+        cell. Cells farther than `reach` never matter (tight on one side)."""
+        reach = sum((k // 2) * 2 ** lvl for lvl, _, _, k in self.conv_plan())
+        reach += 2 ** (self.levels - 1) - 1
+        return 2 * reach + 1
 
     def n_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -181,7 +201,7 @@ class DCDMNet(nn.Module):
         gates, g = [], geom
         for l in range(self.levels):
             if l > 0:
-                g = F.avg_pool3d(g, 2)
+                g = pool2(g)
             gates.append(self.gates[l](g, halo))
         fluid = geom[:, :1]
         return {"shape": shape, "pad": pad, "fluid": fluid, "gates": gates, "halo": halo}
@@ -193,7 +213,7 @@ class DCDMNet(nn.Module):
         e = self.inp_act(self.inp(x, halo)) * gates[0]
         skips = [e]
         for l in range(1, self.levels):
-            e = F.avg_pool3d(e, 2)
+            e = pool2(e)
             e = self.down_act[l - 1](self.down[l - 1](e, halo)) * gates[l]
             for blk in self.blocks[l - 1]:
                 e = blk(e, gates[l], halo)
@@ -261,8 +281,12 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelFileError(f"model file {path!r} is not a deepcd checkpoint "
-                             f"(torch.load failed: {str(e).splitlines()[0][:200]})") from None
+        text = str(e)
+        if "Weights only load failed" in text:
+            why = "it holds Python objects beyond tensors and plain data, which safe loading refuses"
+        else:
+            why = f"torch.load failed: {(text.splitlines() or [type(e).__name__])[0][:200]}"
+        raise ModelFileError(f"model file {path!r} is not a deepcd checkpoint ({why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelFileError(f"model file {path!r} is not a deepcd checkpoint "
                              f"(no '{FORMAT}' format tag)")

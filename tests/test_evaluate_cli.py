@@ -1,0 +1,182 @@
+"""The torch DCDM / CG yardstick, the shipped model, and the `deepcd train`
+and `deepcd evaluate` commands (outputs and one-line errors)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from deepcd_petsc.evaluate import TorchSystem, cg, dcdm
+from deepcd_petsc.model import DCDMNet, default_model_path, dirichlet_fraction, load_model
+from deepcd_petsc.scenes import FLUID
+from helpers import run_cli
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------- torch solvers
+def test_torch_system():
+    s = TorchSystem("liquid", (10, 9, 8), seed=2)
+    assert s.flags.shape == (8, 9, 10)
+    assert s.b.shape == (8, 9, 10) and s.b.dtype == torch.float64
+    assert (s.b[torch.from_numpy(s.flags != FLUID)] == 0).all()
+    assert s.b.norm() > 0
+    box = TorchSystem("box", (6, 6, 6), seed=1)
+    assert len(box.null) == 1
+    assert abs(box.b.sum().item()) < 1e-10 * box.b.abs().sum().item()
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_cg_converges(jacobi):
+    s = TorchSystem("spheres", (10, 10, 10), seed=3)
+    its, hist = cg(s, rtol=1e-8, jacobi=jacobi)
+    assert hist[-1] <= 1e-8 and len(hist) == its + 1
+    assert 0 < its < int((s.flags == FLUID).sum())
+
+
+def test_dcdm_untrained_net_runs():
+    torch.manual_seed(0)
+    net = DCDMNet(channels=[4, 8]).eval()
+    s = TorchSystem("smoke", (8, 8, 8), seed=1)
+    geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces))
+    its, hist = dcdm(s, net, geo, maxit=20, northo=20)
+    assert 0 < its <= 20 and len(hist) == its + 1
+    assert all(np.isfinite(hist))
+    # A-orthogonalised steps never increase the A-norm error, and on this
+    # small system 20 directions make real progress
+    assert hist[-1] < 1.0
+
+
+def test_default_model_beats_cg():
+    path = default_model_path()
+    assert os.path.exists(path)
+    net, ck = load_model()
+    assert net.n_params() > 0 and not net.training
+    assert ck["meta"].get("steps", 0) > 0
+    s = TorchSystem("spheres", (16, 16, 16), seed=5)
+    with torch.inference_mode():
+        geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces))
+    its, hist = dcdm(s, net, geo, rtol=1e-6, northo=20)
+    cg_its, cg_hist = cg(s, rtol=1e-6)
+    assert cg_hist[-1] <= 1e-6
+    assert hist[-1] <= 1e-6, f"DCDM did not reach 1e-6 in {its} iterations (final {hist[-1]:.2e})"
+    assert its < cg_its, f"DCDM {its} iterations, CG {cg_its}"
+
+
+def test_default_model_file_readable():
+    """The shipped model must be readable by every user of an installation."""
+    mode = os.stat(default_model_path()).st_mode & 0o777
+    assert mode & 0o444 == 0o444, oct(mode)
+
+
+# ---------------------------------------------------------------- CLI
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("deepcd: error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out = d / "m.pt"
+    r = run_cli(["train", "--out", out, "--n", "12", "--scenes", "spheres", "--geometries", "1",
+                 "--lanczos", "40", "--steps", "15", "--batch", "2", "--channels", "4,8",
+                 "--eval-sizes", "12", "--threads", "1"])
+    return d, out, r
+
+
+def test_cli_train_outputs(trained):
+    d, out, r = trained
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(d)) == ["m.md", "m.png", "m.pt", "m.pt.state"]
+    with open(d / "m.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    card = (d / "m.md").read_text()
+    assert "Reproduce" in card
+    table = [l for l in card.splitlines() if l.startswith("|")]
+    assert len(table) >= 3 and set(table[1]) <= set("|-")
+    assert table[0].count("|") == table[2].count("|")
+    assert all(s in card for s in ("spheres", "smoke", "liquid"))
+    assert "--channels 4,8" in card
+    net, ck = load_model(str(out))
+    assert ck["config"]["channels"] == [4, 8]
+    assert ck["meta"]["steps"] == 15 and len(ck["meta"]["losses"]) == 15
+    assert ck["meta"]["threads"] == 1
+    assert f"receptive field {net.receptive_field()}" in card
+    assert str(out) in r.stdout
+
+
+def test_cli_evaluate_json(trained):
+    d, out, _ = trained
+    r = run_cli(["evaluate", "--model", out, "--sizes", "12", "--seeds", "1",
+                 "--scenes", "spheres", "--json", "--threads", "1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    assert {"scene", "n", "seed", "dcdm", "cg", "cg_jacobi", "dcdm_s"} <= set(row)
+    assert (row["scene"], row["n"], row["seed"]) == ("spheres", 12, 1)
+    assert isinstance(row["cg"], int) and row["cg"] > 0
+    assert isinstance(row["dcdm"], int) or str(row["dcdm"]).startswith(">")
+    assert "| spheres" in r.stdout  # the markdown table
+
+
+def test_cli_evaluate_missing_model(tmp_path):
+    p = tmp_path / "nothere.pt"
+    assert_one_line_error(run_cli(["evaluate", "--model", p, "--sizes", "8"]), "nothere.pt")
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01garbage" * 30, b"", b"hello\n"],
+                         ids=["binary", "empty", "text"])
+def test_cli_evaluate_corrupt_model(tmp_path, content):
+    p = tmp_path / "corrupt.pt"
+    p.write_bytes(content)
+    assert_one_line_error(run_cli(["evaluate", "--model", p, "--sizes", "8"]), "corrupt.pt")
+
+
+def test_cli_evaluate_bad_sizes():
+    assert_one_line_error(run_cli(["evaluate", "--sizes", "abc"]), "--sizes", "abc")
+
+
+def test_cli_evaluate_bad_scene():
+    assert_one_line_error(run_cli(["evaluate", "--sizes", "8", "--scenes", "nope"]), "nope")
+
+
+def test_cli_train_cuda_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = tmp_path / "m.pt"
+    r = run_cli(["train", "--out", out, "--n", "8", "--steps", "2", "--device", "cuda"])
+    assert_one_line_error(r, "cuda")
+    assert not out.exists()
+
+
+def test_cli_train_resume_without_state(tmp_path):
+    out = tmp_path / "m.pt"
+    r = run_cli(["train", "--out", out, "--n", "8", "--steps", "2", "--resume"])
+    assert_one_line_error(r, "m.pt")
+    assert not out.exists()
+
+
+def test_cli_evaluate_bfloat16(trained):
+    """--dtype bfloat16 is offered by the CLI, so it must run."""
+    _, out, _ = trained
+    r = run_cli(["evaluate", "--model", out, "--sizes", "8", "--seeds", "1", "--scenes", "spheres",
+                 "--dtype", "bfloat16", "--maxit", "20", "--no-baselines", "--json"])
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])[0]["scene"] == "spheres"
