@@ -12,8 +12,13 @@ env:
 test: env
 	$(PY) -m pytest -q tests
 
+# DCDM and the network PC next to PETSc's classical solvers on a 64^3 obstacle scene
 demo: env
-	$(PY) examples/baselines.py --scene spheres --n 64 --seed 7
+	$(VENV)/bin/deepcd bench --scenes spheres --sizes 64 --seed 7 --repeats 1 --out demo_out
+
+# the README's measured table (takes ~15 min on 2 cores)
+bench: env
+	$(VENV)/bin/deepcd bench --scenes spheres,smoke,liquid --sizes 64,128 --seed 7 --repeats 3 --threads 2 --out bench_out
 
 clean:
 	rm -rf build *.egg-info .pytest_cache examples/c/poisson3d examples/c/*.o

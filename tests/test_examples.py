@@ -20,3 +20,32 @@ def test_baselines_table():
         assert cells[0] == name
         assert cells[2].startswith("CONVERGED"), row
         assert float(cells[3]) <= 1e-6, row  # true residual at the default rtol
+
+
+def _petsc4py_example(*args, ranks=1):
+    import re
+    from helpers import run_mpi
+    script = str(REPO / "examples" / "dcdm_petsc4py.py")
+    if ranks > 1:
+        r = run_mpi(ranks, [script, *args])
+    else:
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                           timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"(\d+) iterations, reason (-?\d+), true residual ([0-9.e+-]+)", r.stdout)
+    assert m, r.stdout
+    its, reason, res = int(m.group(1)), int(m.group(2)), float(m.group(3))
+    assert reason > 0 and res <= 1e-6, r.stdout
+    return its, r.stdout
+
+
+def test_petsc4py_example_dcdm_serial_and_mpi():
+    its1, out = _petsc4py_example("--n", "20")
+    assert "deepcd_petsc.ksp.DCDM" in out and "set_flags" in out
+    its2, _ = _petsc4py_example("--n", "20", ranks=2)
+    assert abs(its1 - its2) <= 1, (its1, its2)
+
+
+def test_petsc4py_example_fcg_network_pc():
+    _, out = _petsc4py_example("--n", "20", "--pc")
+    assert "type: fcg" in out and "deepcd_petsc.pc.NetworkPC" in out
