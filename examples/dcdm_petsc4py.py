@@ -56,6 +56,10 @@ if problem.da.getComm().getRank() == 0:
           f"{problem.da.getComm().getSize()} rank(s): {ksp.getIterationNumber()} iterations, "
           f"reason {ksp.getConvergedReason()}, true residual {res:.2e}")
 ksp.view()
-ksp.destroy()                   # before exit: PETSc 3.18 can crash if the GC does it
+# Destroy every handle to a Python-typed KSP/PC before exit (PETSc 3.18 can
+# crash when the garbage collector does it after PetscFinalize)
+if args.pc:
+    pc.destroy()
+ksp.destroy()
 x.destroy()
 problem.destroy()
