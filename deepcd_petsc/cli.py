@@ -72,6 +72,7 @@ def build_parser():
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     t.add_argument("--cache", help="directory caching the Lanczos data (.npz per geometry)")
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    t.add_argument("--init", help="start from this model's architecture and weights (fine-tuning)")
     t.add_argument("--channels", help="channels per level, finest first, e.g. 4,8,16,16,16")
     t.add_argument("--eval-sizes", default="32,64", help="sizes for the model card's evaluation")
     t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
@@ -254,7 +255,7 @@ def cmd_train(a, petsc_args):
                           steps=a.steps, time_budget=a.time_budget, seed=a.seed,
                           lanczos=a.lanczos, geometries=a.geometries, batch=a.batch,
                           lr=a.lr, device=_device(a.device), cache=a.cache,
-                          resume=a.resume, config=config)
+                          resume=a.resume, config=config, init=a.init)
     except (ModelFileError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(meta['losses'][-100:]) / len(meta['losses'][-100:]):.4f}")

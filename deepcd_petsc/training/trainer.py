@@ -42,7 +42,7 @@ def train_seeds(seed, count):
 def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
           time_budget=None, seed=0, lanczos=400, geometries=3, batch=8, lr=1e-3,
           device="cpu", cache=None, resume=False, config=None, log=print,
-          checkpoint_every=60.0, progress=True, stop_at=None):
+          checkpoint_every=60.0, progress=True, stop_at=None, init=None):
     """Train a DCDMNet; writes `out` (checkpoint), returns (model, meta)."""
     torch.manual_seed(seed)
     state = None
@@ -56,7 +56,14 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         meta0 = ck["meta"]
         scenes, n, seed = meta0["scenes"], meta0["n"], meta0["seed"]
         lanczos, geometries, batch, lr = (meta0[k] for k in ("lanczos", "geometries", "batch", "lr"))
-    model = build(config) if config else DCDMNet(**DEFAULT_CONFIG)
+    if init and not state:
+        # fine-tune: architecture and weights from an existing model
+        ck0 = read_checkpoint(init)
+        config = ck0["config"]
+        model = build(config)
+        model.load_state_dict(ck0["state_dict"])
+    else:
+        model = build(config) if config else DCDMNet(**DEFAULT_CONFIG)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t_data = time.perf_counter()
@@ -82,7 +89,8 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
             "train_seeds": train_seeds(seed, geometries), "device": str(device),
             "torch": torch.__version__, "revision": source_revision(),
             "host": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "data_s": t_data}
+            "threads": torch.get_num_threads(), "data_s": t_data,
+            "init": (meta0.get("init") if state else (os.path.abspath(init) if init else None))}
     total = steps
     bar = None
     if progress:
