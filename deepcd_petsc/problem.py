@@ -4,7 +4,7 @@ import numpy as np
 
 from .errors import UserError
 from .layout import Layout
-from .scenes import AIR, FLUID, SOLID, make_flags, padded
+from .scenes import AIR, FLUID, SOLID, load_npy, make_flags, padded
 
 # (axis in (k, j, i) order, step) for the six face neighbours
 NEIGHBOURS = ((0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1))
@@ -190,12 +190,7 @@ class Problem:
 
     def _load_rhs(self, path):
         nx, ny, nz = self.shape
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise UserError(f"right-hand-side file {path!r} does not exist") from None
-        except (ValueError, OSError) as e:
-            raise UserError(f"right-hand-side file {path!r} is not a readable .npy array ({e})") from None
+        arr = load_npy(path, "right-hand-side file")
         if arr.shape != (nz, ny, nx):
             raise UserError(f"right-hand-side file {path!r} has shape {arr.shape}; expected (nz, ny, nx) = {(nz, ny, nx)}")
         if not np.issubdtype(arr.dtype, np.number):

@@ -93,14 +93,20 @@ def liquid(shape, seed):
 GENERATORS = {"box": box, "smoke": smoke, "spheres": spheres, "liquid": liquid}
 
 
+def load_npy(path, what):
+    """A user's .npy array, memory-mapped (each rank reads only its block);
+    never unpickles objects."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path!r} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"{what} {path!r} is not a readable .npy array ({e})") from None
+
+
 def load_flags(path, shape):
     """Flags from a user's .npy: integer array (nz, ny, nx), values 0/1/2."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"flag file {path!r} does not exist") from None
-    except (ValueError, OSError) as e:
-        raise UserError(f"flag file {path!r} is not a readable .npy array ({e})") from None
+    arr = load_npy(path, "flag file")
     if arr.ndim != 3:
         raise UserError(f"flag file {path!r} has {arr.ndim} dimensions; expected a 3D array of shape (nz, ny, nx)")
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
