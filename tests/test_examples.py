@@ -49,3 +49,19 @@ def test_petsc4py_example_dcdm_serial_and_mpi():
 def test_petsc4py_example_fcg_network_pc():
     _, out = _petsc4py_example("--n", "20", "--pc")
     assert "type: fcg" in out and "deepcd_petsc.pc.NetworkPC" in out
+
+
+def test_scaling_script_model_and_strong():
+    script = str(REPO / "examples" / "scaling.py")
+    r = subprocess.run([sys.executable, script, "model"], capture_output=True, text=True,
+                       timeout=120, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| 2048³ on 4096")]
+    assert rows and "MB" in rows[0] and "GFLOP" in rows[0]
+    r = subprocess.run([sys.executable, script, "strong", "--n", "24", "--ranks", "1,2", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = [l for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
+    assert len(table) == 2, r.stdout
+    cells = [c.strip() for c in table[1].strip("|").split("|")]
+    assert cells[2] != "1x1x1" and float(cells[6]) > 0   # 2 blocks, halo bytes exchanged
