@@ -192,12 +192,12 @@ class DCDM(NetworkContext):
     def _report(ksp, its, rn):
         """Record, monitor and test; False once a reason is set."""
         ksp.setIterationNumber(its)
+        if rn != rn or rn == float("inf"):   # PETSc refuses a NaN residual norm
+            ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
+            return False
         ksp.setResidualNorm(rn)
         ksp.logConvergenceHistory(rn)
         ksp.monitor(its, rn)
-        if rn != rn or rn == float("inf"):
-            ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
-            return False
         reason = ksp.callConvergenceTest(its, rn)
         if reason:
             ksp.setConvergedReason(reason)
