@@ -68,10 +68,13 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t_data = time.perf_counter()
     sizes = [n] if isinstance(n, int) else list(n)
+    per_size = [geometries] * len(sizes) if isinstance(geometries, int) else list(geometries)
+    if len(per_size) != len(sizes):
+        raise ValueError(f"--geometries needs one count or one per size ({len(sizes)})")
     geos = []
-    for size in sizes:
+    for size, count in zip(sizes, per_size):
         for scene in scenes:
-            for s in train_seeds(seed, geometries):
+            for s in train_seeds(seed, count):
                 geos.append(make_geometry(scene, (size,) * 3, s, lanczos, cache))
     t_data = time.perf_counter() - t_data
     log(f"training data: {len(geos)} geometries at sizes {sizes}, {lanczos} Lanczos steps each, {t_data:.1f} s")
@@ -86,7 +89,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         log(f"resuming {out} at step {step}")
     meta = {"scenes": list(scenes), "n": n, "seed": seed, "lanczos": lanczos,
             "geometries": geometries, "batch": batch, "lr": lr,
-            "train_seeds": train_seeds(seed, geometries), "device": str(device),
+            "train_seeds": train_seeds(seed, max(per_size)), "device": str(device),
             "torch": torch.__version__, "revision": source_revision(),
             "host": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "data_s": t_data,
