@@ -87,6 +87,7 @@ def build_parser():
     e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     e.add_argument("--threads", type=int)
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
+    e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 10)")
     e.add_argument("--json", action="store_true")
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
     bp.add_argument("--scenes", default="spheres,liquid")
@@ -296,7 +297,8 @@ def cmd_evaluate(a, petsc_args):
         print(f"  {row['scene']:8s} n={row['n']:4d} seed={row['seed']}: DCDM {row['dcdm']}"
               + (f", CG {row['cg']}, CG+Jacobi {row['cg_jacobi']}" if "cg" in row else ""), flush=True)
     rows = evaluate(net, _scenes(a.scenes), sizes, _ints(a.seeds, "--seeds"), a.rtol, a.maxit,
-                    device, DTYPES[a.dtype], baselines=not a.no_baselines, progress=show)
+                    device, DTYPES[a.dtype], baselines=not a.no_baselines, progress=show,
+                    **({"northo": a.northo} if a.northo is not None else {}))
     cols = ["scene", "n", "seed", "dcdm", "dcdm_s"] + ([] if a.no_baselines else ["cg", "cg_jacobi"])
     print(markdown_table(rows, cols))
     if a.json:

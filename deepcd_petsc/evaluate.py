@@ -12,6 +12,11 @@ from .problem import closed_regions, divergence_rhs
 from .scenes import FLUID, make_flags, padded
 
 
+# Directions DCDM A-orthogonalises against. The paper uses 2; with the
+# CPU-trained shipped model that stalls (README, "Choosing m"), 10 does not.
+DEFAULT_NORTHO = 10
+
+
 class TorchSystem:
     """A scene's A (matrix-free), b and null space as float64 torch tensors."""
 
@@ -36,7 +41,7 @@ class TorchSystem:
         return v
 
 
-def dcdm(system, net, geo, rtol=1e-6, maxit=500, northo=2, dtype=torch.float32):
+def dcdm(system, net, geo, rtol=1e-6, maxit=500, northo=DEFAULT_NORTHO, dtype=torch.float32):
     """DCDM (Kaneda et al.): d = f(r/‖r‖), A-orthogonalised against the last
     `northo` directions; returns (iterations, residual history)."""
     A, b = system.op, system.b
@@ -95,7 +100,7 @@ def cg(system, rtol=1e-6, maxit=5000, jacobi=False):
 
 
 def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
-             dtype=torch.float32, baselines=True, progress=None):
+             dtype=torch.float32, baselines=True, progress=None, northo=DEFAULT_NORTHO):
     """Rows of {scene, n, seed, dcdm, cg, cg_jacobi, dcdm_s} iteration counts."""
     rows = []
     for n in sizes:
@@ -106,7 +111,7 @@ def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
                                       dtype=dtype, device=device)
                 t = time.perf_counter()
-                its, hist = dcdm(s, net, geo, rtol, maxit, dtype=dtype)
+                its, hist = dcdm(s, net, geo, rtol, maxit, northo=northo, dtype=dtype)
                 row = {"scene": scene, "n": n, "seed": seed, "dcdm": its,
                        "dcdm_final": hist[-1], "dcdm_s": time.perf_counter() - t}
                 if hist[-1] > rtol:

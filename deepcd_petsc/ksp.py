@@ -16,6 +16,7 @@ from petsc4py import PETSc
 from .errors import SetupError, reported
 
 from .context import NetworkContext
+from .evaluate import DEFAULT_NORTHO
 
 
 class DCDM(NetworkContext):
@@ -23,7 +24,7 @@ class DCDM(NetworkContext):
 
     def __init__(self):
         super().__init__()
-        self.northo = 2
+        self.northo = DEFAULT_NORTHO
         self.stagnation = 0.999   # ‖r_new‖ > this·‖r_old‖ counts as stagnation
         self.fallbacks = 0
         self.total_fallbacks = 0

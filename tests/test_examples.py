@@ -65,3 +65,17 @@ def test_scaling_script_model_and_strong():
     assert len(table) == 2, r.stdout
     cells = [c.strip() for c in table[1].strip("|").split("|")]
     assert cells[2] != "1x1x1" and float(cells[6]) > 0   # 2 blocks, halo bytes exchanged
+
+
+def test_gpu_bench_script_runs_on_cpu(tmp_path):
+    import json
+    out = tmp_path / "g.json"
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "gpu_bench.py"), "--device", "cpu",
+                        "--sizes", "12", "--scenes", "liquid", "--repeats", "1", "--threads", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    for key in ("stencil_ms", "net_float32_ms", "net_bfloat16_ms", "dcdm_its", "cg_its"):
+        assert key in row
+    assert row["dcdm_final"] <= 1e-6 and data["device"] == "cpu"
