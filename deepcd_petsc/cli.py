@@ -62,7 +62,7 @@ def build_parser():
     t.add_argument("--n", default="32", help="training grid size(s), comma list, e.g. 32,48")
     t.add_argument("--scenes", default="spheres,smoke,liquid,box")
     t.add_argument("--geometries", default="4", help="random geometries per scene and size (one count, or one per size)")
-    t.add_argument("--lanczos", type=int, default=400, help="Lanczos steps per geometry")
+    t.add_argument("--lanczos", default="400", help="Lanczos steps per geometry (one count, or one per size)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     t.add_argument("--batch", type=int, default=8)
@@ -238,8 +238,8 @@ def _device(name):
     return name
 
 
-def _geometries(text):
-    vals = _ints(text, "--geometries")
+def _geometries(text, what="--geometries"):
+    vals = _ints(text, what)
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -259,7 +259,7 @@ def cmd_train(a, petsc_args):
     try:
         net, meta = train(a.out, n=sizes if len(sizes) > 1 else sizes[0], scenes=_scenes(a.scenes),
                           steps=a.steps, time_budget=a.time_budget, seed=a.seed,
-                          lanczos=a.lanczos, geometries=_geometries(a.geometries), batch=a.batch,
+                          lanczos=_geometries(a.lanczos), geometries=_geometries(a.geometries), batch=a.batch,
                           lr=a.lr, device=_device(a.device), cache=a.cache,
                           resume=a.resume, config=config, init=a.init)
     except (ModelFileError, ValueError) as e:

@@ -71,11 +71,14 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     per_size = [geometries] * len(sizes) if isinstance(geometries, int) else list(geometries)
     if len(per_size) != len(sizes):
         raise ValueError(f"--geometries needs one count or one per size ({len(sizes)})")
+    steps_l = [lanczos] * len(sizes) if isinstance(lanczos, int) else list(lanczos)
+    if len(steps_l) != len(sizes):
+        raise ValueError(f"--lanczos needs one count or one per size ({len(sizes)})")
     geos = []
-    for size, count in zip(sizes, per_size):
+    for size, count, m in zip(sizes, per_size, steps_l):
         for scene in scenes:
             for s in train_seeds(seed, count):
-                geos.append(make_geometry(scene, (size,) * 3, s, lanczos, cache))
+                geos.append(make_geometry(scene, (size,) * 3, s, m, cache))
     t_data = time.perf_counter() - t_data
     log(f"training data: {len(geos)} geometries at sizes {sizes}, {lanczos} Lanczos steps each, {t_data:.1f} s")
     ops = [g.op.to(device=device) for g in geos]
