@@ -13,9 +13,8 @@ import time
 
 from petsc4py import PETSc
 
-from .errors import SetupError, reported
-
 from .context import NetworkContext
+from .errors import SetupError, reported
 from .evaluate import DEFAULT_NORTHO
 
 
@@ -57,7 +56,8 @@ class DCDM(NetworkContext):
 
     def view(self, ksp, viewer):
         viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s), "
-                           f"safeguard = Jacobi-preconditioned residual\n")
+                           f"safeguard = Jacobi-preconditioned residual "
+                           f"(stagnation threshold {self.stagnation})\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
                            f"{self.total_fallbacks} in all\n")
         t, its = self.timing, ksp.getIterationNumber()
@@ -100,6 +100,8 @@ class DCDM(NetworkContext):
         except PETSc.Error:
             minv.set(1.0)          # shell operators without a diagonal: plain residual
         if ksp.getInitialGuessNonzero():
+            if nullsp is not None:
+                nullsp.remove(x)   # iterates stay out of the null space
             A.mult(x, r)
             r.aypx(-1.0, b)
         else:
