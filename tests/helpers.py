@@ -84,3 +84,7 @@ def run_python(args, timeout=300):
     cmd = [sys.executable, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=_env(), cwd=REPO)
+
+
+# a small network configuration for fast tests
+TINY = {"channels": [4, 8, 8], "bottom_blocks": 1, "level_blocks": 1}

@@ -13,12 +13,6 @@ from deepcd_petsc.scenes import FLUID
 from helpers import run_cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------- torch solvers

@@ -5,6 +5,8 @@ import pickle
 
 import numpy as np
 import pytest
+
+from helpers import TINY
 import torch
 import torch.nn.functional as F
 
@@ -13,15 +15,8 @@ from deepcd_petsc.model import (FORMAT, VERSION, Conv3d, DCDMNet, ModelFileError
                                 read_checkpoint, save_checkpoint)
 from deepcd_petsc.scenes import AIR, FLUID, SOLID, make_flags
 
-TINY = {"channels": [4, 8, 8], "bottom_blocks": 1, "level_blocks": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_net(seed=0, **kw):

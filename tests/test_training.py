@@ -17,18 +17,11 @@ from deepcd_petsc.scenes import FLUID, make_flags
 from deepcd_petsc.training.data import Geometry, cache_name, make_geometry
 from deepcd_petsc.training.lanczos import lanczos_ritz
 from deepcd_petsc.training.trainer import dcdm_loss, train
-from helpers import reference_matrix
+from helpers import TINY, reference_matrix
 
 SCENES = ["box", "smoke", "spheres", "liquid"]
-TINY = {"channels": [4, 8, 8], "bottom_blocks": 1, "level_blocks": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def petsc_matrix(flags, faces):

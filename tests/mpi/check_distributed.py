@@ -15,27 +15,13 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import petsc4py  # noqa: E402
-
-petsc4py.init([])
-from petsc4py import PETSc  # noqa: E402
+from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
 from deepcd_petsc.context import geometry_from_operator  # noqa: E402
 from deepcd_petsc.evaluator import NetworkEvaluator  # noqa: E402
 from deepcd_petsc.halo import Decomposition  # noqa: E402
 from deepcd_petsc.model import DTYPES, dirichlet_fraction, load_model  # noqa: E402
 from deepcd_petsc.problem import Problem  # noqa: E402
-
-comm = PETSc.COMM_WORLD
-mpi = comm.tompi4py()
-rank, size = comm.getRank(), comm.getSize()
 TOL = {"float32": 1e-5, "float64": 1e-12}
 SCALE = 0.37   # a non-unit input scale, as DCDM passes 1/||r||
 

@@ -17,25 +17,12 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import petsc4py  # noqa: E402
-
-petsc4py.init([])
-from petsc4py import PETSc  # noqa: E402
+from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
 from deepcd_petsc.problem import Problem  # noqa: E402
 from deepcd_petsc.scenes import SOLID  # noqa: E402
 from deepcd_petsc.solvers import clear_options, reason_name, run_ksp, set_options  # noqa: E402
 
-comm = PETSc.COMM_WORLD
-mpi = comm.tompi4py()
-rank, size = comm.getRank(), comm.getSize()
 DCDM = {"ksp_type": "python", "ksp_python_type": "deepcd_petsc.DCDM",
         "ksp_rtol": "1e-6", "ksp_max_it": "2000"}
 
