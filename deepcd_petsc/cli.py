@@ -87,7 +87,7 @@ def build_parser():
     e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     e.add_argument("--threads", type=int)
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
-    e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 10)")
+    e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 20)")
     e.add_argument("--json", action="store_true")
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
     bp.add_argument("--scenes", default="spheres,liquid")

@@ -13,8 +13,9 @@ from .scenes import FLUID, make_flags, padded
 
 
 # Directions DCDM A-orthogonalises against. The paper uses 2; with the
-# CPU-trained shipped model that stalls (README, "Choosing m"), 10 does not.
-DEFAULT_NORTHO = 10
+# CPU-trained shipped model that stalls (README, "Choosing m"); 20 is the
+# measured best trade-off of iterations, orthogonalisation time and memory.
+DEFAULT_NORTHO = 20
 
 
 class TorchSystem:
