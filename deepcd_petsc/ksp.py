@@ -127,15 +127,13 @@ class DCDM(NetworkContext):
                 tn = time.perf_counter()
                 self.evaluator.apply(r, d, scale=1.0 / rn)
                 self.timing["network"] += time.perf_counter() - tn
-                if not self._finite(d):
-                    used_fallback = True
-            if used_fallback:
+            else:
                 d.pointwiseMult(minv, r)
             dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
-            if not used_fallback and not (dr != 0.0 and dAd > 0.0):
-                # the network direction is useless here (orthogonal to r, or
-                # no curvature): take the classical one instead. Its sign does
-                # not matter: α = dᵀr/dᵀAd follows it.
+            if not used_fallback and not (dr != 0.0 and 0.0 < dAd < float("inf")):
+                # the network direction is useless here (NaN/Inf, orthogonal
+                # to r, or no curvature): take the classical one instead. Its
+                # sign does not matter: α = dᵀr/dᵀAd follows it.
                 used_fallback = True
                 d.pointwiseMult(minv, r)
                 dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
@@ -184,7 +182,9 @@ class DCDM(NetworkContext):
             Ad.maxpy(c, [q for _, q, _ in dirs])
         self.timing["matmult"] += t1 - t0
         self.timing["orthogonalise"] += time.perf_counter() - t1
-        return d.dot(r), d.dot(Ad)
+        d.dotBegin(r)       # both reductions in one message
+        d.dotBegin(Ad)
+        return d.dotEnd(r), d.dotEnd(Ad)
 
     @staticmethod
     def _finite(v):
