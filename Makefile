@@ -1,8 +1,6 @@
 # make demo | make test | make bench -- each creates .venv first when missing
 VENV ?= .venv
 PY := $(VENV)/bin/python
-NP ?= 2
-MPIEXEC := mpiexec $(if $(filter 0,$(shell id -u)),--allow-run-as-root,) --oversubscribe
 
 .PHONY: env test demo bench clean
 

@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 
-from .solvers import BASELINES, baseline_options, reason_name, run_ksp  # noqa: F401
+from .solvers import BASELINES, baseline_options, run_ksp
 from .tables import markdown_table
 
 NETWORK_SOLVERS = {

@@ -104,7 +104,7 @@ def build_parser():
 
 
 def _problem_from_args(a):
-    from .problem import Problem, parse_shape
+    from .problem import Problem
     from .scenes import parse_faces
     shape = _shape_from_args(a)
     try:

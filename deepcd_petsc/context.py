@@ -2,13 +2,10 @@
 grid and cell flags, and the network evaluator. Geometry comes from (in
 order) deepcd_petsc.set_flags(), or is derived from the operator's rows;
 the grid from the DMDA attached to the KSP/PC, or -<prefix>_dcdm_grid."""
-import os
-
 import numpy as np
 from petsc4py import PETSc
 
 from .errors import SetupError
-
 from .scenes import AIR, FLUID, SOLID
 
 DEVICES = ("cpu", "cuda")

@@ -3,7 +3,6 @@ torch float64 on the matrix-free operator (CPU or GPU). The PETSc KSP in
 ksp.py is the production solver; this is the yardstick for training."""
 import time
 
-import numpy as np
 import torch
 
 from .model import dirichlet_fraction

@@ -11,7 +11,6 @@ f(r, flags) ≈ c·A⁻¹ r. Why this shape:
   finest level has few channels: the network must cost few MatMults.
 """
 import json
-import math
 import os
 import tempfile
 

@@ -8,8 +8,6 @@ preconditioner and may stall: it gets a warning.
 """
 import sys
 
-from petsc4py import PETSc
-
 from .context import NetworkContext
 from .errors import reported
 

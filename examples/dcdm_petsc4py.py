@@ -11,7 +11,6 @@ Any -options go to PETSc (they override what this script sets).
 import argparse
 import sys
 
-import numpy as np
 import petsc4py
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -3,7 +3,6 @@
 the `deepcd solve` command line."""
 import contextlib
 import json
-import math
 import re
 
 import numpy as np

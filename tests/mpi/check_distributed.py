@@ -11,7 +11,6 @@ Rank 0 prints one line per case,
 passed (exit 0); otherwise "FAILED ..." and exit 1.
 """
 import argparse
-import os
 import sys
 import traceback
 

@@ -13,7 +13,6 @@ solid  A grid whose x < nx/2 half is solid, split along x so that rank 0's
        fluid cell at all: DCDM converges with the serial iteration count
        (+-1), with set_flags and with the geometry derived from the operator.
 """
-import os
 import sys
 import traceback
 
