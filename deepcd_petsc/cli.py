@@ -73,7 +73,9 @@ def build_parser():
     t.add_argument("--cache", help="directory caching the Lanczos data (.npz per geometry)")
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
     t.add_argument("--init", help="start from this model's architecture and weights (fine-tuning)")
-    t.add_argument("--channels", help="channels per level, finest first, e.g. 4,8,16,16,16")
+    t.add_argument("--arch", default="vcycle", choices=["vcycle", "unet"],
+                   help="network: the V-cycle network (default) or the U-Net of the first releases")
+    t.add_argument("--channels", help="U-Net only: channels per level, finest first, e.g. 4,8,16,16,16")
     t.add_argument("--eval-sizes", default="32,64", help="sizes for the model card's evaluation")
     t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
     e = sub.add_parser("evaluate", help="DCDM vs CG iterations with a model (torch, no PETSc)")
@@ -87,7 +89,7 @@ def build_parser():
     e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     e.add_argument("--threads", type=int)
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
-    e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 20)")
+    e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 2)")
     e.add_argument("--json", action="store_true")
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
     bp.add_argument("--scenes", default="spheres,liquid")
@@ -247,13 +249,16 @@ def cmd_train(a, petsc_args):
     import torch
     from .training.trainer import train, loss_plot, write_model_card
     from .evaluate import evaluate
+    from .mgnet import DEFAULT_MG_CONFIG
     from .model import ModelFileError, DEFAULT_CONFIG
     if a.threads:
         torch.set_num_threads(a.threads)
     sizes = _ints(a.n, "--n")
     if min(sizes) < 8:
         raise UserError("training sizes must be >= 8")
-    config = dict(DEFAULT_CONFIG)
+    config = dict(DEFAULT_MG_CONFIG) if a.arch == "vcycle" else dict(DEFAULT_CONFIG)
+    if a.channels and a.arch != "unet":
+        raise UserError("--channels applies to --arch unet only")
     if a.channels:
         config["channels"] = _ints(a.channels, "--channels")
     try:

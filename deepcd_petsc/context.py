@@ -159,8 +159,9 @@ class NetworkContext:
             p(f"  device {self.device}, dtype {self.dtype}\n")
             return
         p(f"  model: {self.model_path}\n")
-        p(f"    {self.net.n_params()} parameters, levels {self.net.levels}, channels "
-          f"{self.net.config['channels']}, receptive field {self.net.receptive_field()} cells\n")
+        shape = self.evaluator.shape if self.evaluator is not None else None
+        p(f"    {self.net.describe(shape)}; {self.net.n_params()} parameters, "
+          f"receptive field {self.net.receptive_field(self.net.levels_for(shape) if shape else None)} cells\n")
         meta = self.ckpt.get("meta", {})
         if meta:
             p(f"    trained: scenes {meta.get('scenes')}, sizes {meta.get('n')}, "

@@ -11,10 +11,10 @@ from .problem import closed_regions, divergence_rhs
 from .scenes import FLUID, make_flags, padded
 
 
-# Directions DCDM A-orthogonalises against. The paper uses 2; with the
-# CPU-trained shipped model that stalls (README, "Choosing m"); 20 is the
-# measured best trade-off of iterations, orthogonalisation time and memory.
-DEFAULT_NORTHO = 20
+# Directions DCDM A-orthogonalises against, as in the paper (README,
+# "Choosing m": more costs time and memory and saves little with the
+# V-cycle network).
+DEFAULT_NORTHO = 2
 
 
 class TorchSystem:

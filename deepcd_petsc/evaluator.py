@@ -43,7 +43,7 @@ class NetworkEvaluator:
             return
         from .layout import Layout
         mpicomm = self.comm.tompi4py()
-        self.dec = Decomposition(self.shape, net.multiple, self.comm.getSize(), self.comm.getRank())
+        self.dec = Decomposition(self.shape, net.multiple_for(self.shape), self.comm.getSize(), self.comm.getRank())
         (bx0, bx1), (by0, by1), (bz0, bz1) = self.dec.real_block
         k, j, i = np.meshgrid(np.arange(bz0, bz1), np.arange(by0, by1),
                               np.arange(bx0, bx1), indexing="ij")

@@ -124,16 +124,17 @@ class HaloExchange:
         return out
 
 
-def halo_cost(net, block, bytes_per_value=4):
+def halo_cost(net, block, bytes_per_value=4, levels=None):
     """Per network application on one rank with a cubic block of side
     `block` (fine cells): (halo bytes sent, convolution FLOPs, number of
-    halo exchanges). Halo: three phases send 2b², 2b(b+2), 2(b+2)² values
+    halo exchanges); `levels` for networks whose depth follows the grid.
+    Halo: three phases send 2b², 2b(b+2), 2(b+2)² values
     per channel (faces, then edges, then corners)."""
     sent = flops = 0
     exchanges = 0
-    for level, cin, cout, k in net.conv_plan():
+    for level, cin, cout, k, *taps in net.conv_plan(levels):
         b = max(block // 2 ** level, 1)
-        flops += 2 * k ** 3 * cin * cout * b ** 3
+        flops += 2 * (taps[0] if taps else k ** 3) * cin * cout * b ** 3
         if k > 1:
             exchanges += 1
             sent += (2 * b * b + 2 * b * (b + 2) + 2 * (b + 2) ** 2) * cin * bytes_per_value

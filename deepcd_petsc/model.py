@@ -147,7 +147,16 @@ class DCDMNet(nn.Module):
         """Grid sizes are padded to a multiple of this (2^(levels-1))."""
         return 2 ** (self.levels - 1)
 
-    def conv_plan(self):
+    def multiple_for(self, shape):
+        return self.multiple
+
+    def levels_for(self, shape):
+        return self.levels
+
+    def describe(self, shape=None):
+        return f"U-Net, levels {self.levels}, channels {self.config['channels']}"
+
+    def conv_plan(self, levels=None):
         """(level, C_in, C_out, kernel) of every convolution on the residual
         path, in execution order (cost model, receptive field)."""
         plan = [(0, 1, self.inp.out_channels, 3)]
@@ -166,7 +175,7 @@ class DCDMNet(nn.Module):
         plan.append((0, self.out.in_channels, 1, 3))
         return plan
 
-    def receptive_field(self):
+    def receptive_field(self, levels=None):
         """Width 2·reach + 1 of the window of input cells that can influence
         one output cell, where reach = Σ (k//2)·2^level over the convolutions
         plus 2^(levels−1) − 1 for where a cell sits inside its coarsest
@@ -229,7 +238,16 @@ class DCDMNet(nn.Module):
 
 
 def build(config):
-    return DCDMNet(**config)
+    """The network a checkpoint's config describes: 'arch' picks the class
+    (the V-cycle network, or the U-Net of the first releases)."""
+    config = dict(config)
+    arch = config.pop("arch", "unet")
+    if arch == "vcycle":
+        from .mgnet import MGNet
+        return MGNet(**config)
+    if arch == "unet":
+        return DCDMNet(**config)
+    raise TypeError(f"unknown architecture {arch!r}")
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -87,7 +87,7 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     out = d / "m.pt"
     r = run_cli(["train", "--out", out, "--n", "12", "--scenes", "spheres", "--geometries", "1",
-                 "--lanczos", "40", "--steps", "15", "--batch", "2", "--channels", "4,8",
+                 "--lanczos", "40", "--steps", "15", "--batch", "2",
                  "--eval-sizes", "12", "--threads", "1"])
     return d, out, r
 
@@ -105,12 +105,12 @@ def test_cli_train_outputs(trained):
     assert len(table) >= 3 and set(table[1]) <= set("|-")
     assert table[0].count("|") == table[2].count("|")
     assert all(s in card for s in ("spheres", "smoke", "liquid"))
-    assert "--channels 4,8" in card
+    assert "--n 12" in card
     net, ck = load_model(str(out))
-    assert ck["config"]["channels"] == [4, 8]
+    assert ck["config"]["arch"] == "vcycle"
     assert ck["meta"]["steps"] == 15 and len(ck["meta"]["losses"]) == 15
     assert ck["meta"]["threads"] == 1
-    assert f"receptive field {net.receptive_field()}" in card
+    assert f"receptive field {net.receptive_field(net.levels_for((12, 12, 12)))}" in card
     assert str(out) in r.stdout
 
 

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import torch
 
-from ..model import DCDMNet, DEFAULT_CONFIG, atomic_save, build, read_checkpoint, save_checkpoint
+from ..mgnet import DEFAULT_MG_CONFIG
+from ..model import atomic_save, build, read_checkpoint, save_checkpoint
 from .data import make_geometry
 
 
@@ -43,7 +44,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
           time_budget=None, seed=0, lanczos=400, geometries=3, batch=8, lr=1e-3,
           device="cpu", cache=None, resume=False, config=None, log=print,
           checkpoint_every=60.0, progress=True, stop_at=None, init=None):
-    """Train a DCDMNet; writes `out` (checkpoint), returns (model, meta)."""
+    """Train a network (default: the V-cycle network); writes `out` (checkpoint), returns (model, meta)."""
     torch.manual_seed(seed)
     state = None
     state_path = out + ".state"
@@ -63,7 +64,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         model = build(config)
         model.load_state_dict(ck0["state_dict"])
     else:
-        model = build(config) if config else DCDMNet(**DEFAULT_CONFIG)
+        model = build(config or DEFAULT_MG_CONFIG)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t_data = time.perf_counter()
@@ -165,6 +166,10 @@ def loss_plot(losses, path):
     plt.close(fig)
 
 
+def rows_sizes(rows):
+    return [r["n"] for r in rows] or [32]
+
+
 def write_model_card(path, model_path, meta, rows, command, cost=None):
     """Markdown card: how the model was made and how well it does."""
     from ..tables import markdown_table
@@ -172,8 +177,11 @@ def write_model_card(path, model_path, meta, rows, command, cost=None):
     net, _ = load_model(model_path)
     lines = [f"# deepcd model card: `{os.path.basename(model_path)}`", "",
              f"- Reproduce: `{command}`",
-             f"- Architecture: `{net.config}`; {net.n_params()} parameters; "
-             f"receptive field {net.receptive_field()} cells; input padded to multiples of {net.multiple}",
+             f"- Architecture: `{net.config}` ({net.describe()}); {net.n_params()} parameters",
+             "- Receptive field and padding by grid size: " + ", ".join(
+                 f"{n}³: {net.levels_for((n,) * 3)} levels, receptive field "
+                 f"{net.receptive_field(net.levels_for((n,) * 3))} cells, padded to multiples of "
+                 f"{net.multiple_for((n,) * 3)}" for n in sorted(set(rows_sizes(rows)))),
              f"- Data: scenes {', '.join(meta['scenes'])} at sizes {meta['n']}, "
              f"{meta['geometries']} geometries per scene and size (seeds {meta['train_seeds']}), "
              f"{meta['lanczos']} Lanczos steps per geometry, low half of the Ritz spectrum weighted x9",

@@ -1,6 +1,6 @@
 """Run under mpiexec: the distributed network evaluation equals the serial
-one, in float32 and float64, on uneven and forced DMDA decompositions, with
-ranks that hold no block of the network's decomposition; and the geometry
+one, in float32 and float64, on uneven and forced DMDA decompositions and a
+grid with the network's smallest depth; and the geometry
 derived from the operator in parallel equals the serial one.
 
     mpiexec -n 3 python tests/mpi/check_distributed.py [--big]
@@ -97,7 +97,7 @@ def check_eval(nets, serial, scene, shape, seed, procs, dtypes):
                 assert dec is None
                 active = 1
             else:
-                ref_dec = Decomposition(shape, nets[dtype].multiple, size, rank)
+                ref_dec = Decomposition(shape, nets[dtype].multiple_for(shape), size, rank)
                 assert dec.procs == ref_dec.procs and dec.active_ranks == ref_dec.active_ranks
                 active = mpi.allreduce(int(dec.active))
                 assert active == dec.active_ranks, (active, dec.active_ranks)
@@ -147,9 +147,8 @@ def main():
     ap.add_argument("--big", action="store_true", help="also 65x65x65 (liquid)")
     a = ap.parse_args()
     nets = {dt: load_model(None, dtype=dt)[0] for dt in ("float32", "float64")}
-    m = nets["float32"].multiple
     grid = (33, 40, 29)
-    small = (m, m - 2, m - 3)    # one block of the network's decomposition
+    small = (16, 14, 13)         # two levels only: the network's smallest depth
     cases = []
     for scene in ("liquid", "spheres"):
         cases.append((scene, grid, 4, None, ("float32", "float64")))
