@@ -253,6 +253,8 @@ def cmd_train(a, petsc_args):
     from .model import ModelFileError, DEFAULT_CONFIG
     if a.threads:
         torch.set_num_threads(a.threads)
+    from .memory import tune_malloc
+    tune_malloc()
     sizes = _ints(a.n, "--n")
     if min(sizes) < 8:
         raise UserError("training sizes must be >= 8")
@@ -289,6 +291,8 @@ def cmd_evaluate(a, petsc_args):
     from .tables import markdown_table
     if a.threads:
         torch.set_num_threads(a.threads)
+    from .memory import tune_malloc
+    tune_malloc()
     device = _device(a.device)
     try:
         net, ck = load_model(a.model, dtype=a.dtype, device=device)
@@ -327,6 +331,8 @@ def cmd_bench(a, petsc_args):
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
+    from .memory import tune_malloc
+    tune_malloc()      # before any solver, so all run under the same allocator settings
     rank = PETSc.COMM_WORLD.getRank()
     rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
                  a.rtol, a.model, a.threads, a.northo,

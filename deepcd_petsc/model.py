@@ -1,6 +1,9 @@
-"""The DCDM network: a geometry-gated, positively homogeneous U-Net.
+"""Model files (checkpoints) and the U-Net of the first releases.
 
-f(r, flags) ≈ c·A⁻¹ r. Why this shape:
+The default network is the V-cycle network in mgnet.py; `build` picks the
+class from a checkpoint's config ('arch'). The U-Net (arch 'unet'), a
+geometry-gated, positively homogeneous network, f(r, flags) ≈ c·A⁻¹ r; why
+this shape:
 - every layer on the residual path is bias-free and its activation is PReLU,
   so f(c·r) = c·f(r) for c > 0 (a part of f independent of r would dominate
   once the residual is small and stall DCDM);

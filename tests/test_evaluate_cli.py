@@ -174,3 +174,15 @@ def test_cli_evaluate_bfloat16(trained):
                  "--dtype", "bfloat16", "--maxit", "20", "--no-baselines", "--json"])
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])[0]["scene"] == "spheres"
+
+
+def test_cli_train_unet_arch(tmp_path):
+    out = tmp_path / "u.pt"
+    r = run_cli(["train", "--out", out, "--arch", "unet", "--channels", "4,8", "--n", "12",
+                 "--scenes", "smoke", "--geometries", "1", "--lanczos", "30", "--steps", "3",
+                 "--batch", "2", "--threads", "1", "--no-card"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    net, ck = load_model(str(out))
+    assert ck["config"]["channels"] == [4, 8] and isinstance(net, DCDMNet)
+    bad = run_cli(["train", "--out", tmp_path / "v.pt", "--channels", "4,8", "--steps", "1"])
+    assert bad.returncode == 2 and "--arch unet" in bad.stderr and "Traceback" not in bad.stderr
