@@ -28,14 +28,18 @@ def model_table(args):
     from deepcd_petsc.model import load_model
     net, _ = load_model(args.model)
     print(f"per network application and rank, cubic blocks, float32 ({net.describe()})")
-    print("| N³ on P ranks | block side | halo bytes sent | conv FLOPs | bytes/FLOP | exchanges |")
-    print("|---|---|---|---|---|---|")
-    for n, p in [(256, 8), (512, 64), (1024, 512), (2048, 4096), (512, 512), (256, 512), (256, 4096),
-                 (2048, 512)]:
-        b = round(n / p ** (1 / 3))
-        sent, flops, ex = halo_cost(net, b, levels=net.levels_for((n, n, n)))
-        print(f"| {n}³ on {p} | {b} | {sent / 1e6:.2f} MB | {flops / 1e9:.3f} GFLOP | "
-              f"{sent / flops:.1e} | {ex} |")
+    print("| N³ on P ranks | levels | block alignment | ranks with a block | block side "
+          "| halo bytes sent | stencil FLOPs | bytes/FLOP | exchanges |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, p in [(256, 8), (256, 64), (256, 512), (512, 64), (512, 512), (1024, 512), (1024, 4096),
+                 (2048, 4096), (2048, 32768)]:
+        levels = net.levels_for((n, n, n))
+        m = net.multiple_for((n, n, n))
+        active = min(p, (n // m) ** 3)       # blocks are whole multiples of m
+        b = round(n / active ** (1 / 3))
+        sent, flops, ex = halo_cost(net, b, levels=levels)
+        print(f"| {n}³ on {p} | {levels} | {m} | {active} | {b} | {sent / 1e6:.2f} MB | "
+              f"{flops / 1e9:.3f} GFLOP | {sent / flops:.1e} | {ex} |")
 
 
 def measure(args):
