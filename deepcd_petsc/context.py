@@ -22,6 +22,7 @@ class NetworkContext:
         self.device = "cpu"
         self.dtype = "float32"
         self.threads = None
+        self.levels = None         # cap on the V-cycle network's levels
         self.grid = None
         self.net = None
         self.ckpt = None
@@ -50,6 +51,12 @@ class NetworkContext:
         th = opts.getInt("threads", self.threads or 0)
         if th < 0:
             raise SetupError(f"-{pre}threads must be >= 0, got {th}")
+        lv = opts.getInt("levels", self.levels or 0)
+        if lv < 0:
+            raise SetupError(f"-{pre}levels must be >= 1 (0: the model's own rule), got {lv}")
+        if (lv or None) != self.levels:
+            self.reset_network()
+        self.levels = lv or None
         grid = text("grid", None)
         if grid is not None:
             try:
@@ -89,6 +96,11 @@ class NetworkContext:
         except ModelFileError as e:
             raise SetupError(f"-{self.option_prefix(obj)}model: {e}") from None
         self.model_path = path
+        if self.levels:
+            if not hasattr(self.net, "level_cap"):
+                raise SetupError(f"-{self.option_prefix(obj)}levels: the model {path!r} "
+                                 f"has a fixed depth (U-Net); the option is for V-cycle models")
+            self.net.level_cap = self.levels
         t1 = time.perf_counter()
         da, own = self._grid(obj, A)
         try:

@@ -132,6 +132,7 @@ class MGNet(nn.Module):
         self.coarsest = coarsest
         self.nu = nu
         self.coarse_its = coarse_its
+        self.level_cap = None      # run-time cap (-ksp_dcdm_levels), not saved
         self.pre = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.post = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.bottom = Smoother(coarse_its, gate_channels)
@@ -141,7 +142,10 @@ class MGNet(nn.Module):
 
     # -- sizes ---------------------------------------------------------------
     def levels_for(self, shape):
-        return levels_for(shape, self.max_levels, self.coarsest)
+        """Levels for a grid; a run-time cap trades a weaker coarsest level
+        for a finer block alignment (more ranks can hold a block)."""
+        L = levels_for(shape, self.max_levels, self.coarsest)
+        return min(L, self.level_cap) if self.level_cap else L
 
     def multiple_for(self, shape):
         """Grid padding and distributed block alignment for a grid."""

@@ -283,6 +283,31 @@ def test_northo_option_in_process(problems, tmp_path):
     assert reason == "CONVERGED_RTOL" and res <= 1e-5
 
 
+def test_levels_option_caps_the_vcycle(problems, tmp_path, random_model):
+    """-ksp_dcdm_levels trades depth for block alignment; fewer levels still
+    converge, and the view says how many ran; a U-Net model refuses it."""
+    p = problems("spheres", 32)
+    its = {}
+    for cap in (None, 2):
+        opts = dict(DCDM, **({"ksp_dcdm_levels": str(cap)} if cap else {}))
+        with make_ksp(p.A, "t_", opts, p.da, (p.flags, p.open_faces)) as ksp:
+            reason, its[cap], res, x = solve(ksp, p)
+            x.destroy()
+            text = view_text(ksp, tmp_path)
+            assert reason == "CONVERGED_RTOL" and res <= 1e-5, (cap, reason, res)
+            assert f"{cap or 4} levels" in text, text
+    assert its[2] > its[None], its
+    with pytest.raises((SetupError, PETSc.Error)) as e:
+        with make_ksp(p.A, "t_", dict(DCDM, ksp_dcdm_levels="-1"), p.da):
+            pass
+    assert "levels" in str(e.value)
+    with pytest.raises((SetupError, PETSc.Error)) as e:
+        with make_ksp(p.A, "t_", dict(DCDM, ksp_dcdm_levels="2", ksp_dcdm_model=random_model),
+                      p.da, (p.flags, p.open_faces)) as ksp:
+            solve(ksp, p)[3].destroy()
+    assert "fixed depth" in str(e.value)
+
+
 def test_negative_northo_rejected(problems):
     p = problems("smoke")
     with pytest.raises((SetupError, PETSc.Error)) as e:
