@@ -84,7 +84,6 @@ class HaloExchange:
         self.calls = 0
 
     def __call__(self, x, w):
-        from mpi4py import MPI
         t0 = time.perf_counter()
         device = x.device
         out = F.pad(x, (w,) * 6)
@@ -100,6 +99,8 @@ class HaloExchange:
             for step in (-1, 1):
                 dst = self.dec.neighbour(axis, step)
                 src = self.dec.neighbour(axis, -step)
+                if dst is None and src is None:
+                    continue       # no neighbour along this axis: ghosts stay zero
                 send = list(inner)
                 recv = list(inner)
                 n = arr.shape[ax]
@@ -109,10 +110,17 @@ class HaloExchange:
                 else:            # send my high interior slab up, receive low ghosts
                     send[ax] = slice(n - 2 * w, n - w)
                     recv[ax] = slice(0, w)
-                sbuf = np.ascontiguousarray(arr[tuple(send)])
-                rbuf = np.empty_like(arr[tuple(recv)])
-                self.comm.Sendrecv(sbuf, dest=MPI.PROC_NULL if dst is None else dst,
-                                   recvbuf=rbuf, source=MPI.PROC_NULL if src is None else src)
+                # at the ends of the line of blocks only one direction moves
+                if dst is None:
+                    rbuf = np.empty_like(arr[tuple(recv)])
+                    self.comm.Recv(rbuf, source=src)
+                elif src is None:
+                    sbuf = np.ascontiguousarray(arr[tuple(send)])
+                    self.comm.Send(sbuf, dest=dst)
+                else:
+                    sbuf = np.ascontiguousarray(arr[tuple(send)])
+                    rbuf = np.empty_like(arr[tuple(recv)])
+                    self.comm.Sendrecv(sbuf, dest=dst, recvbuf=rbuf, source=src)
                 if src is not None:
                     arr[tuple(recv)] = rbuf
                 if dst is not None:

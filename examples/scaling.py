@@ -50,6 +50,8 @@ def measure(args):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(HERE))
     from deepcd_petsc.evaluator import NetworkEvaluator
+    from deepcd_petsc.memory import tune_malloc
+    tune_malloc()            # as the KSP/PC do
     from deepcd_petsc.model import dirichlet_fraction, load_model
     from deepcd_petsc.problem import Problem
     comm = PETSc.COMM_WORLD
