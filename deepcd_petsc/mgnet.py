@@ -106,8 +106,10 @@ class Smoother(nn.Module):
         h = self.gate1(geom.to(self.kernel.dtype), halo)
         return 2 * torch.sigmoid(self.gate2(F.gelu(h)))
 
-    def step(self, i, s, gf, halo):
-        """K_i ∗ s times the fluid-masked gate gf (N, steps, ...)."""
+    def step(self, i, s, gf, halo, taps=None):
+        """K_i ∗ s times the fluid-masked gate gf (N, steps, ...); `taps`:
+        the kernel as Python floats (inference, read once per geometry so a
+        GPU never syncs per step)."""
         p = _padded(s, halo)
         if torch.is_grad_enabled():
             w = self.kernel[i].to(s.dtype)
@@ -116,7 +118,7 @@ class Smoother(nn.Module):
                 out = out + w[t] * _shifted(p, axis, step)
             return out * gf[:, i:i + 1]
         # inference: the same sum with in-place updates (half the memory passes)
-        w = self.kernel[i].tolist()
+        w = taps[i] if taps is not None else self.kernel[i].tolist()
         out = s * w[0]
         for t, (axis, step) in enumerate(_FACES, start=1):
             out.add_(_shifted(p, axis, step), alpha=w[t])
@@ -234,6 +236,7 @@ class MGNet(nn.Module):
             geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             levels.append({
+                "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
                 "gates": [(s.gates(geom, halo) * fl.to(geom.dtype)).to(dtype) for s in sm]})
@@ -244,7 +247,7 @@ class MGNet(nn.Module):
     def _apply_A(lv, x, halo):
         return lv["fluid"] * (lv["diag"] * x - neighbour_sum(x, halo))
 
-    def _smooth(self, sm, gate, lv, b, x, halo):
+    def _smooth(self, sm, gate, lv, b, x, halo, taps=None):
         fast = not torch.is_grad_enabled()
         for i in range(sm.steps):
             if x is None:
@@ -254,20 +257,20 @@ class MGNet(nn.Module):
                 s = neighbour_sum(x, halo).addcmul_(lv["diag"], x, value=-1).add_(b).mul_(lv["dinv"])
             else:
                 s = lv["dinv"] * (b - self._apply_A(lv, x, halo))
-            dx = sm.step(i, s, gate, halo)
+            dx = sm.step(i, s, gate, halo, taps if fast else None)
             x = dx if x is None else (x.add_(dx) if fast else x + dx)
         return x
 
     def _cycle(self, geo, l, b):
         lv, halo = geo["levels"][l], geo["halo"]
         if l == geo["L"] - 1:
-            return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo)
-        x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo)
+            return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
+        x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
         coarse = geo["levels"][l + 1]
         e = self._cycle(geo, l + 1, pool2(r) * coarse["fluid"])
         x = x + self.coarse_scale[l].to(x.dtype) * F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
-        return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo)
+        return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
     def forward(self, r, geo):
         """r: (N, 1, D, H, W) residual (any scale); geo from prepare()."""
