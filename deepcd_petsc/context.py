@@ -28,6 +28,8 @@ class NetworkContext:
         self.ckpt = None
         self.evaluator = None
         self.setup_s = {}
+        self.rows_dinv = None      # D⁻¹ on kept Dirichlet rows (else None)
+        self.work = None
         self.flags = None          # user geometry: (flags, open_faces)
         self.geometry_source = None
         self.grid_source = None
@@ -74,7 +76,11 @@ class NetworkContext:
     def reset_network(self):
         if self.evaluator is not None:
             self.evaluator.destroy()
+        for v in (self.rows_dinv, self.work):
+            if v is not None:
+                v.destroy()
         self.evaluator = None
+        self.rows_dinv = self.work = None
         self.setup_s = {}
 
     def setup_network(self, obj, A):
@@ -113,6 +119,34 @@ class NetworkContext:
                 da.destroy()
         self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
                         "evaluator": time.perf_counter() - t2}
+
+    def apply_network(self, x, y, scale):
+        """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the
+        decoupled rows of systems that keep Dirichlet rows (PETSc's
+        tutorials): the network leaves non-fluid cells at zero, so without
+        this no direction could ever fix their residual."""
+        self.evaluator.apply(x, y, scale)
+        if self.rows_dinv is not None:
+            self.work.pointwiseMult(self.rows_dinv, x)
+            y.axpy(scale, self.work)
+
+    def _dirichlet_rows(self, A, rows, scale):
+        """s·D⁻¹ restricted to `rows` (a local bool mask), or None when no
+        rank has such a row. The network approximates c·A_unit⁻¹ for the
+        unit stencil; A = s·A_unit on the fluid rows, so s·D⁻¹ puts the two
+        parts of a direction on the same footing."""
+        comm = A.getComm().tompi4py()
+        if not comm.allreduce(bool(rows.any()), op=_mpi_lor()):
+            return
+        total, count = comm.allreduce(np.array(scale, dtype=float))
+        s = total / count if count > 0 else 1.0
+        self.rows_dinv = A.createVecRight()
+        A.getDiagonal(self.rows_dinv)
+        d = self.rows_dinv.getArray()
+        keep = rows.ravel() & (d != 0)
+        d[keep] = s / d[keep]
+        d[~keep] = 0.0
+        self.work = self.rows_dinv.duplicate()
 
     def _device(self, comm):
         import torch
@@ -173,7 +207,11 @@ class NetworkContext:
             raise SetupError(f"set_flags: flags of shape {flags.shape} do not match the grid "
                                f"(nz, ny, nx) = {(nz, ny, nx)}")
         self.geometry_source = "derived from the operator"
-        return geometry_from_operator(da, A, local)
+        flags, dirichlet, rows, scale = geometry_from_operator(da, A, local, with_rows=True)
+        self._dirichlet_rows(A, rows, scale)
+        if self.rows_dinv is not None:
+            self.geometry_source += ", with Dirichlet rows (solved by their diagonal)"
+        return flags, dirichlet
 
     # -- view -------------------------------------------------------------------
     def view_network(self, viewer):
@@ -207,19 +245,30 @@ class NetworkContext:
                      if ev.halo is not None else "") + "\n")
 
 
-def geometry_from_operator(da, A, local):
+def _mpi_lor():
+    from mpi4py import MPI
+    return MPI.LOR
+
+
+def geometry_from_operator(da, A, local, with_rows=False):
     """Flags and Dirichlet fractions read off A's rows: a row with
     off-diagonal couplings is fluid, its diagonal excess (diag − Σ|offdiag|)
-    / diag is its Dirichlet fraction; non-fluid cells next to a fluid cell
-    with excess are air, others solid. Matrix-free operators: all fluid."""
+    / diag is its Dirichlet fraction; a non-fluid cell is air when a fluid
+    row couples to it (a Dirichlet row kept in the system, as PETSc's
+    tutorials do) or when it lies next to a fluid cell with excess (a
+    Dirichlet value eliminated into the diagonal); others are solid.
+    Matrix-free operators: all fluid. `with_rows`: also return the mask of
+    decoupled rows to solve by their diagonal and the operator's scale."""
     n = int(np.prod(local))
     if not A.getType().endswith("aij"):   # shell/matrix-free: no rows to read
-        return np.zeros(local, np.int8), np.zeros(local)
-    ai, _, av = A.getValuesCSR()
+        out = (np.zeros(local, np.int8), np.zeros(local))
+        return out + (np.zeros(local, bool), (0.0, 0)) if with_rows else out
+    ai, aj, av = A.getValuesCSR()
     # DMDA matrices store the whole 27-point box pattern, mostly zeros (~56M
     # entries at 128³): drop the zeros first; int32 rows, bincount sums
     keep = av != 0
     rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ai))[keep]
+    cols = aj[keep]
     vals = av[keep]
     rowabs = np.bincount(rows, weights=np.abs(vals), minlength=n)
     nnz = np.bincount(rows, minlength=n)
@@ -233,6 +282,15 @@ def geometry_from_operator(da, A, local):
     with np.errstate(divide="ignore", invalid="ignore"):
         dirichlet = np.where(fluid & (diag > 0), np.clip((diag - off) / diag, 0.0, 1.0), 0.0)
     dirichlet[dirichlet < 1e-10] = 0.0
+    # cells that fluid rows couple to (on any rank): marked through a Vec
+    lo, _ = A.getOwnershipRange()
+    coupled_cols = np.unique(cols[fluid[rows] & (cols != rows + lo)]).astype(PETSc.IntType)
+    marks = da.createGlobalVec()
+    marks.set(0.0)
+    marks.setValues(coupled_cols, np.ones(len(coupled_cols)), addv=PETSc.InsertMode.ADD_VALUES)
+    marks.assemble()
+    coupled = marks.getArray(readonly=True).reshape(local) > 0
+    marks.destroy()
     # air: non-fluid cells with a fluid neighbour that has a Dirichlet part
     g = da.createGlobalVec()
     g.getArray()[...] = (dirichlet > 0).astype(float)
@@ -249,7 +307,18 @@ def geometry_from_operator(da, A, local):
         near |= p[oz + dz:oz + dz + nz_, oy + dy:oy + dy + ny_, ox + dx:ox + dx + nx_] > 0
     g.destroy()
     loc.destroy()
-    flags = np.where(fluid.reshape(local), FLUID, np.where(near, AIR, SOLID)).astype(np.int8)
+    flags = np.where(fluid.reshape(local), FLUID,
+                     np.where(near | coupled, AIR, SOLID)).astype(np.int8)
+    if with_rows:
+        # the operator's scale against the unit stencil the network learned
+        # (mean |off-diagonal| of fluid rows; 1 for our scenes, h for
+        # PETSc's tutorials): local (sum, count)
+        scale = (float(off[fluid].sum()), int(noff[fluid].sum()))
+        # rows to solve by their diagonal: every decoupled row, but only
+        # when the system keeps Dirichlet rows (some fluid row couples to a
+        # decoupled one); otherwise decoupled rows never carry a residual
+        kept = bool((coupled & ~fluid.reshape(local)).any())
+        return flags, dirichlet.reshape(local), ~fluid.reshape(local) & kept, scale
     return flags, dirichlet.reshape(local)
 
 

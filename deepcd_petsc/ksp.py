@@ -125,7 +125,7 @@ class DCDM(NetworkContext):
             used_fallback = force_fallback
             if not force_fallback:
                 tn = time.perf_counter()
-                self.evaluator.apply(r, d, scale=1.0 / rn)
+                self.apply_network(r, d, scale=1.0 / rn)
                 self.timing["network"] += time.perf_counter() - tn
             else:
                 d.pointwiseMult(minv, r)

@@ -88,3 +88,34 @@ def run_python(args, timeout=300):
 
 # a small network configuration for fast tests
 TINY = {"channels": [4, 8, 8], "bottom_blocks": 1, "level_blocks": 1}
+
+
+def ex45_system(n, comm=None):
+    """PETSc's tutorial src/ksp/ksp/tutorials/ex45.c in petsc4py: Dirichlet
+    rows kept in the system (diagonal only), interior rows scaled by the
+    mesh size and coupled to them, a STAR-stencil DMDA. (da, A, b)."""
+    from petsc4py import PETSc
+    comm = comm or PETSc.COMM_SELF
+    da = PETSc.DMDA().create([n, n, n], dof=1, stencil_width=1,
+                             stencil_type=PETSc.DMDA.StencilType.STAR, comm=comm)
+    h = 1.0 / (n - 1)
+    A = da.createMatrix()
+    b = da.createGlobalVec()
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    barr = da.getVecArray(b)
+    row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
+    for k in range(zs, ze):
+        for j in range(ys, ye):
+            for i in range(xs, xe):
+                row.index = (i, j, k)
+                if 0 in (i, j, k) or n - 1 in (i, j, k):
+                    A.setValueStencil(row, row, 6 * h)
+                    barr[i, j, k] = 6 * h
+                    continue
+                A.setValueStencil(row, row, 6 * h)
+                for di, dj, dk in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)):
+                    col.index = (i + di, j + dj, k + dk)
+                    A.setValueStencil(row, col, -h)
+                barr[i, j, k] = h ** 3
+    A.assemble()
+    return da, A, b

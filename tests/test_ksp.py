@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from petsc4py import PETSc
 
-from helpers import REPO, run_cli, run_python
+from helpers import REPO, ex45_system, run_cli, run_mpi, run_python
 
 from deepcd_petsc.context import geometry_from_operator, set_flags
 from deepcd_petsc.errors import SetupError
@@ -492,6 +492,35 @@ def test_derived_geometry_matches_flags(problems, scene):
 
 
 # ------------------------------------------------------------------ matrix-free operator
+@pytest.mark.parametrize("solver", ["dcdm", "gcr", "fgmres"])
+def test_petsc_tutorial_ex45(solver, tmp_path):
+    """PETSc's own Dirichlet-row Laplacian (no set_flags): the geometry is
+    derived from the operator, the decoupled rows are solved by their
+    diagonal, and DCDM / the network PC converge in about GAMG's 10
+    iterations (CG+Jacobi: ~70)."""
+    da, A, b = ex45_system(33)
+    opts = dict(DCDM) if solver == "dcdm" else network_pc(solver)
+    opts["ksp_rtol"] = "1e-6"
+    x = b.duplicate()
+    try:
+        with make_ksp(A, "t45_", opts, da) as ksp:
+            x.set(0.0)
+            ksp.solve(b, x)
+            reason = reason_name(ksp.getConvergedReason())
+            its = ksp.getIterationNumber()
+            text = view_text(ksp, tmp_path)
+        r = b.duplicate()
+        A.mult(x, r)
+        r.aypx(-1.0, b)
+        res = r.norm() / b.norm()
+        r.destroy()
+        assert reason == "CONVERGED_RTOL" and its <= 12 and res <= 1e-5, (reason, its, res)
+        assert "with Dirichlet rows" in text, text
+    finally:
+        for o in (x, b, A, da):
+            o.destroy()
+
+
 def test_matrix_free_operator():
     """A Python (shell) Mat whose mult calls A.mult, DMDA attached, no
     set_flags: converges. Run in a subprocess (tests/mpi/check_ksp.py
@@ -516,3 +545,15 @@ def test_network_pc_with_cg_warns_once(problems, capfd):
     warnings = [l for l in err.splitlines() if "warning" in l.lower()]
     assert len(warnings) == 1, err
     assert "fixed SPD preconditioner" in warnings[0] and "'cg'" in warnings[0], err
+
+
+@pytest.mark.mpi
+def test_petsc_tutorial_ex45_same_iterations_on_ranks():
+    its = {}
+    for p in (1, 3):
+        r = run_mpi(p, [REPO / "tests" / "mpi" / "check_ex45.py", "33"])
+        assert r.returncode == 0, r.stdout + r.stderr
+        line = [l for l in r.stdout.splitlines() if l.startswith("EX45")][-1].split()
+        assert int(line[3]) > 0 and float(line[4]) <= 1e-5, line
+        its[p] = int(line[2])
+    assert its[1] == its[3] and its[1] <= 12, its
