@@ -43,7 +43,7 @@ def opt(args, name):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_deepcd_command(tmp_path, script):
     args, launcher = launch(tmp_path, script, N="96", THREADS="3", SLURM_CPUS_PER_TASK="3",
-                            MODEL="/models/m.pt")
+                            MODEL="/models/m.pt", LEVELS="5")
     assert launcher == ("srun" if "slurm" in script else "mpirun")
     i = args.index("deepcd")
     assert args[i + 1] == "solve" and opt(args, "--n") == "96"
@@ -51,6 +51,7 @@ def test_deepcd_command(tmp_path, script):
     assert opt(args, "-ksp_python_type") == "deepcd_petsc.DCDM"
     assert opt(args, "-ksp_dcdm_threads") == "3"
     assert opt(args, "-ksp_dcdm_model") == "/models/m.pt"
+    assert opt(args, "-ksp_dcdm_levels") == "5"
     if "gpu" in script:
         assert opt(args, "-ksp_dcdm_device") == "cuda"
     else:
