@@ -2,8 +2,10 @@
 
     -ksp_type fcg -pc_type python -pc_python_type deepcd_petsc.NetworkPC
 
-y = f(x) changes nonlinearly with x, so use it with the flexible methods
-fcg, gcr, fgmres (pipefcg, pipegcr too). Plain CG assumes a fixed SPD
+y = f(x) is not a fixed SPD preconditioner (the learned pre- and
+post-smoothers differ; U-Net models are nonlinear too), so use it with the
+flexible methods fcg, gcr, fgmres (pipefcg, pipegcr too); gcr or fgmres
+when the operator itself is not symmetric. Plain CG assumes a fixed SPD
 preconditioner and may stall: it gets a warning.
 """
 import sys
@@ -38,7 +40,7 @@ class NetworkPC(NetworkContext):
         self.reset_network()
 
     def view(self, pc, viewer):
-        viewer.printfASCII("  DCDM network as a variable (nonlinear) preconditioner: "
+        viewer.printfASCII("  DCDM network as a variable (non-symmetric) preconditioner: "
                            "use with fcg, gcr or fgmres\n")
         self.view_network(viewer)
 
@@ -49,7 +51,7 @@ class NetworkPC(NetworkContext):
             self.warned = True
             if ksp.getComm().getRank() == 0:
                 print(f"deepcd_petsc.NetworkPC warning: KSP {t!r} assumes a fixed SPD preconditioner; "
-                      "the network is nonlinear and may stall it. Use -ksp_type fcg, gcr or fgmres.",
+                      "the network is not, and may stall it. Use -ksp_type fcg, gcr or fgmres.",
                       file=sys.stderr, flush=True)
 
     @reported
