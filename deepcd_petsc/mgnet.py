@@ -1,7 +1,7 @@
 """The default DCDM network: a convolutional network shaped like a multigrid
 V-cycle, with learned smoothers and geometry-conditioned damping.
 
-f(r, flags) ≈ c·A⁻¹ r. Why this shape (README, "Choosing the network"):
+f(r, flags) ≈ c·A⁻¹ r. Why this shape (README, "The network"):
 - A⁻¹ is global; a U-Net trained on two CPU cores learned the
   high-frequency part but not the lowest modes, so its iteration count
   grew ~5× from 32³ to 64³. Here the levels go down to a few cells, and every
@@ -126,6 +126,10 @@ class Smoother(nn.Module):
 
 
 class MGNet(nn.Module):
+    """The V-cycle network: `prepare` turns flags into per-level tensors
+    once per geometry, `forward` maps residuals (N, 1, D, H, W) to
+    directions of the same shape."""
+
     def __init__(self, arch="vcycle", max_levels=7, coarsest=4, nu=2, coarse_its=16, gate_channels=8):
         super().__init__()
         self.config = {"arch": arch, "max_levels": max_levels, "coarsest": coarsest, "nu": nu,
