@@ -206,6 +206,16 @@ def cmd_info(a, petsc_args):
     except ImportError:
         lines.append(("torch", "not installed"))
     lines.append(("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "(unset)")))
+    try:
+        from .model import ModelFileError, default_model_path, load_model
+        net, ck = load_model()
+        meta = ck.get("meta", {})
+        lines += [("default model", default_model_path()),
+                  ("  network", f"{net.describe()}, {net.n_params()} parameters"),
+                  ("  trained", f"{meta.get('steps')} steps on {meta.get('scenes')} at sizes "
+                                f"{meta.get('n')}, source {meta.get('revision')}")]
+    except (ImportError, ModelFileError) as e:
+        lines.append(("default model", f"unusable: {e}"))
     if PETSc.COMM_WORLD.getRank() == 0:
         for k, v in lines:
             print(f"{k:16s} {v}")

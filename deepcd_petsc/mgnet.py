@@ -192,8 +192,9 @@ class MGNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def describe(self, shape=None):
-        L = self.levels_for(shape) if shape is not None else self.max_levels
-        return (f"V-cycle network, {L} levels (at most {self.max_levels}), "
+        depth = (f"{self.levels_for(shape)} levels (at most {self.max_levels})" if shape is not None
+                 else f"up to {self.max_levels} levels")
+        return (f"V-cycle network, {depth}, "
                 f"{self.nu}+{self.nu} smoothing steps, {self.coarse_its} on the coarsest level")
 
     # -- geometry ------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_info():
     r = run_cli(["info"])
     assert r.returncode == 0, r.stderr
     assert "PETSc" in r.stdout and "torch" in r.stdout
+    assert "default model" in r.stdout and "V-cycle network" in r.stdout
     assert "Traceback" not in r.stderr
 
 
