@@ -77,11 +77,43 @@ class HaloExchange:
     global boundary, as zero padding gives on one process."""
 
     def __init__(self, decomposition, mpicomm):
+        from mpi4py import MPI
         self.dec = decomposition
         self.comm = mpicomm
+        # the ranks holding a block, for gathering a coarse level
+        self.active_comm = mpicomm.Split(0 if decomposition.active else MPI.UNDEFINED,
+                                         decomposition.rank)
         self.seconds = 0.0
         self.bytes = 0
         self.calls = 0
+
+    def level_shape(self, level):
+        """(D, H, W) of the whole padded grid at a coarse level."""
+        return tuple(n // 2 ** level for n in reversed(self.dec.padded))
+
+    def _level_offset(self, level):
+        (x0, _), (y0, _), (z0, _) = self.dec.block
+        return tuple(v // 2 ** level for v in (z0, y0, x0))
+
+    def gather_level(self, x, level):
+        """The whole level-`level` field on every active rank from the
+        ranks' blocks (one allgather); exactly the serial coarse field."""
+        t0 = time.perf_counter()
+        wire = x.detach().to("cpu", torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+        parts = self.active_comm.allgather((self._level_offset(level), wire.numpy()))
+        out = torch.zeros(x.shape[:2] + self.level_shape(level), dtype=x.dtype, device=x.device)
+        for (oz, oy, ox), arr in parts:
+            d, h, w = arr.shape[-3:]
+            out[..., oz:oz + d, oy:oy + h, ox:ox + w] = torch.from_numpy(arr).to(out)
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def own_block(self, x, level):
+        """This rank's block of a whole-level field."""
+        (x0, x1), (y0, y1), (z0, z1) = self.dec.block
+        f = 2 ** level
+        return x[..., z0 // f:z1 // f, y0 // f:y1 // f, x0 // f:x1 // f]
 
     def __call__(self, x, w):
         t0 = time.perf_counter()
@@ -132,18 +164,21 @@ class HaloExchange:
         return out
 
 
-def halo_cost(net, block, bytes_per_value=4, levels=None):
+def halo_cost(net, block, bytes_per_value=4, levels=None, gathered=False):
     """Per network application on one rank with a cubic block of side
     `block` (fine cells): (halo bytes sent, convolution FLOPs, number of
-    halo exchanges); `levels` for networks whose depth follows the grid.
-    Halo: three phases send 2b², 2b(b+2), 2(b+2)² values
-    per channel (faces, then edges, then corners)."""
+    halo exchanges); `levels` for networks whose depth follows the grid;
+    `gathered`: the coarsest level is gathered (one allgather, counted
+    neither as exchanges nor as halo bytes). Halo: three phases send 2b²,
+    2b(b+2), 2(b+2)² values per channel (faces, then edges, then corners)."""
     sent = flops = 0
     exchanges = 0
-    for level, cin, cout, k, *taps in net.conv_plan(levels):
+    plan = net.conv_plan(levels)
+    coarsest = max(entry[0] for entry in plan)
+    for level, cin, cout, k, *taps in plan:
         b = max(block // 2 ** level, 1)
         flops += 2 * (taps[0] if taps else k ** 3) * cin * cout * b ** 3
-        if k > 1:
+        if k > 1 and not (gathered and level == coarsest):
             exchanges += 1
             sent += (2 * b * b + 2 * b * (b + 2) + 2 * (b + 2) ** 2) * cin * bytes_per_value
     return sent, flops, exchanges

@@ -40,6 +40,11 @@ DEFAULT_MG_CONFIG = {
     "gate_channels": 8,
 }
 
+# Distributed evaluation gathers the coarsest level onto every rank when it
+# has at most this many cells: its 2·coarse_its − 1 stencils then need one
+# allgather instead of as many latency-bound halo exchanges.
+GATHER_CELLS = 32 ** 3
+
 # the 7-point stencil: centre, then (axis, step) for the six faces
 _FACES = ((-3, -1), (-3, 1), (-2, -1), (-2, 1), (-1, -1), (-1, 1))
 
@@ -234,21 +239,28 @@ class MGNet(nn.Module):
         open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
         open_ = open_.round().clamp(min=0) * fl
         levels = []
+        gather = halo is not None and math.prod(halo.level_shape(L - 1)) <= GATHER_CELLS
         for l in range(L):
             if l > 0:
                 # a coarse cell is air if any child is, else fluid if any child is
                 air = F.max_pool3d(air, 2)
                 fl = F.max_pool3d(fl, 2) * (1 - air)
                 open_ = F.max_pool3d(open_, 2) * fl
-            diag = (neighbour_sum(fl + air, halo) + open_) * fl
+            lh = halo
+            if gather and l == L - 1:
+                # the whole coarsest level on every rank, computed as serially
+                fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
+                lh = None
+            diag = (neighbour_sum(fl + air, lh) + open_) * fl
             diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
             geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             levels.append({
+                "gathered": lh is None and halo is not None,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
-                "gates": [(s.gates(geom, halo) * fl.to(geom.dtype)).to(dtype) for s in sm]})
+                "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
         return {"shape": shape, "pad": pad, "levels": levels, "halo": halo, "L": L}
 
     # -- the V-cycle ---------------------------------------------------------
@@ -273,11 +285,16 @@ class MGNet(nn.Module):
     def _cycle(self, geo, l, b):
         lv, halo = geo["levels"][l], geo["halo"]
         if l == geo["L"] - 1:
+            if lv["gathered"]:
+                x = self._smooth(self.bottom, lv["gates"][0], lv, halo.gather_level(b, l), None,
+                                 None, lv["taps"][0])
+                return halo.own_block(x, l)
             return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
         coarse = geo["levels"][l + 1]
-        e = self._cycle(geo, l + 1, pool2(r) * coarse["fluid"])
+        mask = halo.own_block(coarse["fluid"], l + 1) if coarse["gathered"] else coarse["fluid"]
+        e = self._cycle(geo, l + 1, pool2(r) * mask)
         x = x + self.coarse_scale[l].to(x.dtype) * F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 

@@ -25,11 +25,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def model_table(args):
     sys.path.insert(0, os.path.dirname(HERE))
     from deepcd_petsc.halo import halo_cost
+    from deepcd_petsc.mgnet import GATHER_CELLS
     from deepcd_petsc.model import load_model
     net, _ = load_model(args.model)
     print(f"per network application and rank, cubic blocks, float32 ({net.describe()})")
     print("| N³ on P ranks | levels | block alignment | ranks with a block | block side "
-          "| halo bytes sent | stencil FLOPs | bytes/FLOP | exchanges |")
+          "| halo bytes sent | stencil FLOPs | bytes/FLOP | exchanges (+1 allgather) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, p in [(256, 8), (256, 64), (256, 512), (512, 64), (512, 512), (1024, 512), (1024, 4096),
                  (2048, 4096), (2048, 32768)]:
@@ -37,7 +38,8 @@ def model_table(args):
         m = net.multiple_for((n, n, n))
         active = min(p, (n // m) ** 3)       # blocks are whole multiples of m
         b = round(n / active ** (1 / 3))
-        sent, flops, ex = halo_cost(net, b, levels=levels)
+        gathered = (n // m) ** 3 <= GATHER_CELLS and hasattr(net, "level_cap")
+        sent, flops, ex = halo_cost(net, b, levels=levels, gathered=gathered)
         print(f"| {n}³ on {p} | {levels} | {m} | {active} | {b} | {sent / 1e6:.2f} MB | "
               f"{flops / 1e9:.3f} GFLOP | {sent / flops:.1e} | {ex} |")
 

@@ -41,6 +41,9 @@ def evaluate(net, dtype, p, x_global):
     flags = p.local_flags
     dirichlet = local_block(p, dirichlet_fraction(p.flags, p.open_faces))
     ev = NetworkEvaluator(net, p.da, flags, dirichlet, DTYPES[dtype])
+    if ev.dec is not None and ev.dec.active:
+        # the coarsest level is gathered (one allgather, computed as serially)
+        assert ev.geo["levels"][-1]["gathered"] and not ev.geo["levels"][0]["gathered"]
     x = p.da.createGlobalVec()
     y = x.duplicate()
     try:
