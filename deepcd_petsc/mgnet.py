@@ -44,6 +44,10 @@ DEFAULT_MG_CONFIG = {
 # has at most this many cells: its 2·coarse_its − 1 stencils then need one
 # allgather instead of as many latency-bound halo exchanges.
 GATHER_CELLS = 32 ** 3
+# A whole coarsest level of at most this many cells is smoothed at inference
+# by one precomputed dense matrix (the smoother is linear in b): one matvec
+# instead of 2·coarse_its − 1 stencils of a few cells, whose cost is Python.
+DENSE_CELLS = 1024
 
 # the 7-point stencil: centre, then (axis, step) for the six faces
 _FACES = ((-3, -1), (-3, 1), (-2, -1), (-2, 1), (-1, -1), (-1, 1))
@@ -261,7 +265,24 @@ class MGNet(nn.Module):
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
                 "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
-        return {"shape": shape, "pad": pad, "levels": levels, "halo": halo, "L": L}
+        geo = {"shape": shape, "pad": pad, "levels": levels, "halo": halo, "L": L}
+        bottom = levels[-1]
+        cells = math.prod(bottom["fluid"].shape[-3:])
+        if (halo is None or bottom["gathered"]) and cells <= DENSE_CELLS \
+                and bottom["fluid"].shape[0] == 1 and not torch.is_grad_enabled():
+            bottom["dense"] = self._bottom_matrix(bottom)
+        return geo
+
+    def _bottom_matrix(self, lv):
+        """M with bottom-smoother(b) = M b on the whole coarsest level: the
+        smoother applied to every unit vector (computed in float64)."""
+        shape = lv["fluid"].shape[-3:]
+        n = math.prod(shape)
+        f64 = {k: (v.double() if torch.is_tensor(v) else [g.double() for g in v] if k == "gates" else v)
+               for k, v in lv.items() if k in ("fluid", "diag", "dinv", "gates", "taps")}
+        eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
+        cols = self._smooth(self.bottom, f64["gates"][0], f64, eye, None, None, f64["taps"][0])
+        return cols.reshape(n, n).t().contiguous()
 
     # -- the V-cycle ---------------------------------------------------------
     @staticmethod
@@ -285,11 +306,14 @@ class MGNet(nn.Module):
     def _cycle(self, geo, l, b):
         lv, halo = geo["levels"][l], geo["halo"]
         if l == geo["L"] - 1:
-            if lv["gathered"]:
-                x = self._smooth(self.bottom, lv["gates"][0], lv, halo.gather_level(b, l), None,
-                                 None, lv["taps"][0])
-                return halo.own_block(x, l)
-            return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
+            whole = halo.gather_level(b, l) if lv["gathered"] else b
+            if "dense" in lv and not torch.is_grad_enabled():
+                m = lv["dense"]
+                x = (m @ whole.reshape(-1).to(m.dtype)).to(b.dtype).reshape(whole.shape)
+            else:
+                x = self._smooth(self.bottom, lv["gates"][0], lv, whole, None,
+                                 None if lv["gathered"] else halo, lv["taps"][0])
+            return halo.own_block(x, l) if lv["gathered"] else x
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
         coarse = geo["levels"][l + 1]

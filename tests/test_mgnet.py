@@ -184,3 +184,24 @@ def test_inference_path_equals_autograd_path():
     slow = net(r.requires_grad_(), geo)
     assert slow.requires_grad
     assert torch.allclose(fast, slow.detach(), rtol=1e-12, atol=1e-14 * slow.abs().max().item())
+
+
+def test_dense_coarsest_level_equals_the_sweeps(monkeypatch):
+    """At inference a small coarsest level is one precomputed matrix; it is
+    the same linear map as the smoothing sweeps it replaces."""
+    import deepcd_petsc.mgnet as mgnet
+    torch.manual_seed(8)
+    net = MGNet().double().eval()
+    with torch.no_grad():
+        net.bottom.kernel.add_(0.05 * torch.randn_like(net.bottom.kernel))
+    flags, faces = make_flags("smoke", (32, 28, 24), 3)
+    r = torch.randn(1, 1, 32, 28, 24, dtype=torch.float64)
+    out = {}
+    for cells in (0, mgnet.DENSE_CELLS):
+        monkeypatch.setattr(mgnet, "DENSE_CELLS", cells)
+        with torch.inference_mode():
+            geo = prepared(net, flags, faces)
+            assert ("dense" in geo["levels"][-1]) == (cells > 0)
+            out[cells] = net(r, geo)
+    a, b = out[0], out[mgnet.DENSE_CELLS]
+    assert ((a - b).norm() / a.norm()).item() < 1e-12
