@@ -112,7 +112,13 @@ class Smoother(nn.Module):
         nn.init.zeros_(self.gate2.bias)
 
     def gates(self, geom, halo=None):
-        h = F.gelu(self.gate1(geom.to(self.kernel.dtype), halo))
+        dt = self.kernel.dtype
+        if dt == torch.float64 and geom.device.type == "cpu":
+            # no oneDNN float64 kernel (torch's generic one took ~3 s at
+            # 128³): these once-per-geometry coefficients use float32
+            h = F.gelu(self.gate1(geom, halo, dtype=torch.float32)).to(dt)
+        else:
+            h = F.gelu(self.gate1(geom.to(dt), halo))
         # the 1×1×1 convolution as a channel contraction: torch's CPU conv
         # path for it took seconds at 256³
         w = self.gate2.weight.reshape(self.gate2.out_channels, -1)

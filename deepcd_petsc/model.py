@@ -39,18 +39,22 @@ class Conv3d(nn.Conv3d):
     keep the standard path.
     """
 
-    def forward(self, x, halo=None):
+    def forward(self, x, halo=None, dtype=None):
         """`halo`: None for zero padding (one process), or a callable that
-        adds the neighbours' cells (zeros on the global boundary)."""
+        adds the neighbours' cells (zeros on the global boundary). `dtype`:
+        compute in this dtype instead of the weights' (cast differentiably)."""
         pad = self.padding
         if halo is not None and self.kernel_size[0] > 1:
             x = halo(x, self.kernel_size[0] // 2)
             pad = (0, 0, 0)
+        w, b = self.weight, self.bias
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            b = None if b is None else b.to(dtype)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
                 and torch.backends.mkldnn.is_available():
-            return torch.mkldnn_convolution(x, self.weight, self.bias, pad,
-                                            self.stride, self.dilation, self.groups)
-        return F.conv3d(x, self.weight, self.bias, self.stride, pad, self.dilation, self.groups)
+            return torch.mkldnn_convolution(x, w, b, pad, self.stride, self.dilation, self.groups)
+        return F.conv3d(x, w, b, self.stride, pad, self.dilation, self.groups)
 
 
 def pool2(x):
