@@ -250,7 +250,8 @@ def _device(name):
     return name
 
 
-def _geometries(text, what="--geometries"):
+def _int_or_list(text, what):
+    """One count, or one per training size."""
     vals = _ints(text, what)
     return vals[0] if len(vals) == 1 else vals
 
@@ -276,7 +277,8 @@ def cmd_train(a, petsc_args):
     try:
         net, meta = train(a.out, n=sizes if len(sizes) > 1 else sizes[0], scenes=_scenes(a.scenes),
                           steps=a.steps, time_budget=a.time_budget, seed=a.seed,
-                          lanczos=_geometries(a.lanczos), geometries=_geometries(a.geometries), batch=a.batch,
+                          lanczos=_int_or_list(a.lanczos, "--lanczos"),
+                          geometries=_int_or_list(a.geometries, "--geometries"), batch=a.batch,
                           lr=a.lr, device=_device(a.device), cache=a.cache,
                           resume=a.resume, config=config, init=a.init)
     except (ModelFileError, ValueError) as e:

@@ -135,8 +135,9 @@ class NetworkContext:
         rank has such a row. The network approximates c·A_unit⁻¹ for the
         unit stencil; A = s·A_unit on the fluid rows, so s·D⁻¹ puts the two
         parts of a direction on the same footing."""
+        from mpi4py import MPI
         comm = A.getComm().tompi4py()
-        if not comm.allreduce(bool(rows.any()), op=_mpi_lor()):
+        if not comm.allreduce(bool(rows.any()), op=MPI.LOR):
             return
         total, count = comm.allreduce(np.array(scale, dtype=float))
         s = total / count if count > 0 else 1.0
@@ -243,11 +244,6 @@ class NetworkContext:
                 p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
                   + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"
                      if ev.halo is not None else "") + "\n")
-
-
-def _mpi_lor():
-    from mpi4py import MPI
-    return MPI.LOR
 
 
 def geometry_from_operator(da, A, local, with_rows=False):

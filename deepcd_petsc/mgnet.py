@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import Conv3d, pool2
 from .scenes import AIR, FLUID, SOLID
 
 DEFAULT_MG_CONFIG = {
@@ -77,13 +78,6 @@ def neighbour_sum(x, halo=None):
     return out
 
 
-def pool2(x):
-    """2×2×2 average; float32 for bfloat16 on the CPU (no bf16 kernel)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return F.avg_pool3d(x.float(), 2).to(torch.bfloat16)
-    return F.avg_pool3d(x, 2)
-
-
 def levels_for(shape, max_levels, coarsest):
     """Levels for a grid: halve until the smallest dimension would drop
     below `coarsest` cells."""
@@ -105,7 +99,6 @@ class Smoother(nn.Module):
         w = torch.zeros(steps, 7)
         w[:, 0] = omega
         self.kernel = nn.Parameter(w)
-        from .model import Conv3d
         self.gate1 = Conv3d(4, gate_channels, 3, padding=1)
         self.gate2 = nn.Conv3d(gate_channels, steps, 1)
         nn.init.zeros_(self.gate2.weight)
@@ -284,10 +277,9 @@ class MGNet(nn.Module):
         smoother applied to every unit vector (computed in float64)."""
         shape = lv["fluid"].shape[-3:]
         n = math.prod(shape)
-        f64 = {k: (v.double() if torch.is_tensor(v) else [g.double() for g in v] if k == "gates" else v)
-               for k, v in lv.items() if k in ("fluid", "diag", "dinv", "gates", "taps")}
+        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv")}
         eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
-        cols = self._smooth(self.bottom, f64["gates"][0], f64, eye, None, None, f64["taps"][0])
+        cols = self._smooth(self.bottom, lv["gates"][0].double(), f64, eye, None, None, lv["taps"][0])
         return cols.reshape(n, n).t().contiguous()
 
     # -- the V-cycle ---------------------------------------------------------
