@@ -99,7 +99,13 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                     ctx = ksp.getPythonContext() if ksp.getType() == "python" else None
                     if ctx is not None and getattr(ctx, "timing", None):
                         its = max(res["iterations"], 1)
-                        res["breakdown_ms"] = {k: v / its * 1e3 for k, v in ctx.timing.items()}
+                        t = ctx.timing
+                        res["breakdown_ms"] = {k: v / its * 1e3 for k, v in t.items()}
+                        # everything but the network's forward pass and MatMult
+                        res["breakdown_ms"]["overhead"] = (t["total"] - t["forward"]
+                                                           - t["matmult"]) / its * 1e3
+                        res["overhead_pct"] = 100 * (t["total"] - t["forward"]
+                                                     - t["matmult"]) / t["total"]
                         res["fallbacks"] = ctx.fallbacks
                     ksp.destroy()
                     x.destroy()
@@ -111,6 +117,7 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                 row["peak_mb"] = max(r["peak_mb"] for r in runs)
                 if "breakdown_ms" in timed[-1]:
                     row["breakdown_ms"] = timed[-1]["breakdown_ms"]
+                    row["overhead_pct"] = timed[-1]["overhead_pct"]
                 row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly,
                            total_s=row["setup_s"] + row["solve_s"],
                            per_it_ms=row["solve_s"] / max(row["iterations"], 1) * 1e3,
@@ -140,7 +147,8 @@ def write_report(rows, info, out_dir, command):
     br = [dict(scene=r["scene"], n=r["n"], **{k: round(v, 2) for k, v in r["breakdown_ms"].items()})
           for r in rows if "breakdown_ms" in r]
     if br:
-        keys = ["total", "network", "forward", "halo", "matmult", "orthogonalise", "other"]
+        keys = ["total", "network", "forward", "halo", "matmult", "orthogonalise", "other",
+                "overhead"]
         lines += ["DCDM cost per iteration (ms):", "",
                   markdown_table(br, ["scene", "n"] + keys), ""]
     with open(os.path.join(out_dir, "bench.md"), "w") as f:

@@ -120,15 +120,22 @@ class NetworkContext:
         self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
                         "evaluator": time.perf_counter() - t2}
 
-    def apply_network(self, x, y, scale):
+    def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the
         decoupled rows of systems that keep Dirichlet rows (PETSc's
         tutorials): the network leaves non-fluid cells at zero, so without
-        this no direction could ever fix their residual."""
-        self.evaluator.apply(x, y, scale)
+        this no direction could ever fix their residual. `views`: torch
+        views of x's and y's local arrays, if the caller has them.
+        Returns the scale actually used: the network is positively
+        homogeneous, so scaling only protects float32's range and is
+        skipped (1.0) when the input is comfortably inside it."""
+        if self.evaluator.unscaled_ok(scale):
+            scale = 1.0
+        self.evaluator.apply(x, y, scale, views)
         if self.rows_dinv is not None:
             self.work.pointwiseMult(self.rows_dinv, x)
             y.axpy(scale, self.work)
+        return scale
 
     def _dirichlet_rows(self, A, rows, scale):
         """s·D⁻¹ restricted to `rows` (a local bool mask), or None when no

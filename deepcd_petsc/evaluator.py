@@ -93,18 +93,32 @@ class NetworkEvaluator:
         self.calls += 1
         return y
 
-    def apply(self, x, y, scale=1.0):
+    def unscaled_ok(self, scale):
+        """Whether f(x) may run unscaled instead of f(scale·x)/scale: the
+        network is positively homogeneous, so scaling only protects the
+        range of float32/bfloat16, and 1/scale (a global norm) far inside
+        it needs no pass. Same answer on every rank."""
+        return self.dtype == torch.float64 or 1e-12 <= scale <= 1e12
+
+    def apply(self, x, y, scale=1.0, views=None):
         """y = f(scale·x): PETSc Vecs in the DMDA layout. One copy in (the
-        cast to the network's dtype, scaled in place), one copy out."""
+        cast to the network's dtype, scaled), one copy out. `views`: torch
+        views (x, y) of the Vecs' local arrays when the caller has them."""
         from petsc4py import PETSc
         if self.dec is None:
-            with warnings.catch_warnings():  # read-only view: we never write to it
-                warnings.simplefilter("ignore", UserWarning)
-                xa = torch.from_numpy(x.getArray(readonly=True).reshape(self.local_shape))
-            r = xa.to(device=self.device, dtype=self.dtype, copy=True).mul_(scale)
-            out = self._run(r)
+            if views is not None:
+                xa, ya = (v.view(self.local_shape) for v in views)
+            else:
+                with warnings.catch_warnings():  # read-only view: we never write to it
+                    warnings.simplefilter("ignore", UserWarning)
+                    xa = torch.from_numpy(x.getArray(readonly=True).reshape(self.local_shape))
+                ya = None
+            r = xa.to(device=self.device, dtype=self.dtype, copy=True)
+            out = self._run(r if scale == 1.0 else r.mul_(scale))
             with torch.inference_mode():
-                torch.from_numpy(y.getArray().reshape(self.local_shape)).copy_(out)
+                if ya is None:
+                    ya = torch.from_numpy(y.getArray().reshape(self.local_shape))
+                ya.copy_(out)
             return
         self._to_blocks(x)
         wa = self.work.getArray().reshape(self.real_shape)
@@ -112,7 +126,7 @@ class NetworkEvaluator:
             with torch.inference_mode():
                 block = torch.zeros(self._block_shape(), dtype=self.dtype, device=self.device)
                 block[self.inner] = torch.from_numpy(wa)
-                out = self._run(block.mul_(scale))
+                out = self._run(block if scale == 1.0 else block.mul_(scale))
                 torch.from_numpy(wa).copy_(out[self.inner])
         self.scatter.scatter(self.work, y, PETSc.InsertMode.INSERT, PETSc.ScatterMode.REVERSE)
 

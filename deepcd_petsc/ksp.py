@@ -11,11 +11,14 @@ CG converges.
 """
 import time
 
+import torch
 from petsc4py import PETSc
 
+from . import kernels
 from .context import NetworkContext
 from .errors import SetupError, reported
 from .evaluate import DEFAULT_NORTHO
+from .workspace import VecView, Workspace
 
 
 class DCDM(NetworkContext):
@@ -28,6 +31,8 @@ class DCDM(NetworkContext):
         self.fallbacks = 0
         self.total_fallbacks = 0
         self.timing = {}
+        self.ws = None              # work vectors, kept between solves
+        self.minv = None
 
     # -- PETSc protocol ---------------------------------------------------
     def create(self, ksp):
@@ -47,12 +52,24 @@ class DCDM(NetworkContext):
     def setUp(self, ksp):
         A, _ = ksp.getOperators()
         self.setup_network(ksp, A)
+        self._workspace(A.getSizes()[0], A.getBlockSize(), A.getComm())
+
+    def _workspace(self, sizes, bsize, comm):
+        """r, D⁻¹ and m+1 (d, Ad) pairs, allocated at set-up (as PETSc's
+        own KSPs do) and kept between solves."""
+        count = 2 + 2 * (self.northo + 1)
+        if self.ws is None or not self.ws.fits(sizes, count):
+            self._free_workspace()
+            self.ws = Workspace(sizes, bsize, comm, count)
+        return self.ws
 
     def reset(self, ksp):
         self.reset_network()
+        self._free_workspace()
 
     def destroy(self, ksp):
         self.reset_network()
+        self._free_workspace()
 
     def view(self, ksp, viewer):
         viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s), "
@@ -60,11 +77,15 @@ class DCDM(NetworkContext):
                            f"(stagnation threshold {self.stagnation})\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
                            f"{self.total_fallbacks} in all\n")
+        viewer.printfASCII(f"  Krylov vector work: {kernels.status()}\n")
         t, its = self.timing, ksp.getIterationNumber()
         if t.get("total") and its:
             viewer.printfASCII("  per iteration (last solve): " + ", ".join(
                 f"{k} {t[k] / its * 1e3:.2f} ms" for k in
                 ("total", "network", "forward", "halo", "matmult", "orthogonalise", "other")) + "\n")
+            over = t["total"] - t["forward"] - t["matmult"]
+            viewer.printfASCII(f"  overhead (all but the network's forward pass and MatMult): "
+                               f"{over / its * 1e3:.2f} ms = {100 * over / t['total']:.1f}%\n")
         self.view_network(viewer)
 
     # -- the iteration ----------------------------------------------------
@@ -73,16 +94,14 @@ class DCDM(NetworkContext):
         A, _ = ksp.getOperators()
         if self.evaluator is None:
             self.setUp(ksp)
-        work = [b.duplicate() for _ in range(4 + 2 * self.northo)]  # r, minv, m+1 pairs (d, Ad)
+        ws = self._workspace(b.getSizes(), b.getBlockSize(), b.getComm())
         self.timing = dict.fromkeys(("network", "matmult", "orthogonalise", "total"), 0.0)
         ev = self.evaluator
         f0, h0 = ev.forward_s, (ev.halo.seconds if ev.halo is not None else 0.0)
         t0 = time.perf_counter()
         try:
-            self._iterate(ksp, A, b, x, *work)
+            self._iterate(ksp, A, b, x, ws)
         finally:
-            for v in work:
-                v.destroy()
             t = self.timing
             t["total"] = time.perf_counter() - t0
             # of the network time: the forward pass itself and the halo exchange
@@ -90,15 +109,14 @@ class DCDM(NetworkContext):
             t["halo"] = (ev.halo.seconds if ev.halo is not None else 0.0) - h0
             t["other"] = t["total"] - t["network"] - t["matmult"] - t["orthogonalise"]
 
-    def _iterate(self, ksp, A, b, x, r, minv, *pool):
+    def _free_workspace(self):
+        if self.ws is not None:
+            self.ws.destroy()
+            self.ws = None
+
+    def _iterate(self, ksp, A, b, x, ws):
         nullsp = A.getNullSpace()
-        try:
-            A.getDiagonal(minv)
-            minv.reciprocal()
-            if not self._finite(minv):
-                minv.set(1.0)
-        except PETSc.Error:
-            minv.set(1.0)          # shell operators without a diagonal: plain residual
+        r, rt = ws.vecs[0], ws.rows[0]
         if ksp.getInitialGuessNonzero():
             if nullsp is not None:
                 nullsp.remove(x)   # iterates stay out of the null space
@@ -107,89 +125,98 @@ class DCDM(NetworkContext):
         else:
             x.set(0.0)
             b.copy(r)
-        # m+1 buffer pairs rotate: the newest direction is kept by reference
-        free = [(pool[2 * i], pool[2 * i + 1]) for i in range(self.northo + 1)]
-        dirs = []                   # (p, Ap, pᵀAp) of the last m directions
+        # m+1 (d, Ad) slots rotate: the newest direction is kept by reference
+        free = [(ws.vecs[i], ws.rows[i], ws.vecs[i + 1], ws.rows[i + 1])
+                for i in range(2, ws.count, 2)]
+        dirs = []                   # (slot, pᵀAp) of the last m directions
         self.fallbacks = 0
+        self.minv = None            # Jacobi safeguard's D⁻¹, read on first use
         its = 0
-        rn = r.norm()
+        rn = ws.norm(rt)
         max_it = ksp.getTolerances()[3]
         if not self._report(ksp, its, rn):
             return
         force_fallback = False
-        while True:
-            if its >= max_it:
-                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT)
-                return
-            d, Ad = free[-1]
-            used_fallback = force_fallback
-            if not force_fallback:
-                tn = time.perf_counter()
-                self.apply_network(r, d, scale=1.0 / rn)
-                self.timing["network"] += time.perf_counter() - tn
-            else:
-                d.pointwiseMult(minv, r)
-            dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
-            if not used_fallback and not (dr != 0.0 and 0.0 < dAd < float("inf")):
-                # the network direction is useless here (NaN/Inf, orthogonal
-                # to r, or no curvature): take the classical one instead. Its
-                # sign does not matter: α = dᵀr/dᵀAd follows it.
-                used_fallback = True
-                d.pointwiseMult(minv, r)
-                dr, dAd = self._direction(A, nullsp, r, d, Ad, dirs)
-            if used_fallback:
-                self.fallbacks += 1
-                self.total_fallbacks += 1
-            if dAd != dAd or dr != dr or abs(dAd) == float("inf"):
-                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
-                return
-            if dAd <= 0.0:
-                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_INDEFINITE_MAT)
-                return
-            if dr == 0.0:
-                ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_BREAKDOWN)
-                return
-            alpha = dr / dAd
-            x.axpy(alpha, d)
-            r.axpy(-alpha, Ad)
-            free.pop()
-            dirs.append((d, Ad, dAd))
-            if len(dirs) > self.northo:
-                p, q, _ = dirs.pop(0)
-                free.append((p, q))
-            its += 1
-            rn_old, rn = rn, r.norm()
-            force_fallback = rn > self.stagnation * rn_old
-            if not self._report(ksp, its, rn):
-                return
+        with VecView(x) as xt:
+            while True:
+                if its >= max_it:
+                    ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT)
+                    return
+                slot = d, dt, Ad, Adt = free[-1]
+                used_fallback = force_fallback
+                if not force_fallback:
+                    tn = time.perf_counter()
+                    r.stateIncrease()
+                    self.apply_network(r, d, 1.0 / rn, views=(rt, dt))
+                    self.timing["network"] += time.perf_counter() - tn
+                else:
+                    torch.mul(self._jacobi(A, ws), rt, out=dt)
+                dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
+                if not used_fallback and not (dr != 0.0 and 0.0 < dAd < float("inf")):
+                    # the network direction is useless here (NaN/Inf, orthogonal
+                    # to r, or no curvature): take the classical one instead. Its
+                    # sign does not matter: α = dᵀr/dᵀAd follows it.
+                    used_fallback = True
+                    torch.mul(self._jacobi(A, ws), rt, out=dt)
+                    dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
+                if used_fallback:
+                    self.fallbacks += 1
+                    self.total_fallbacks += 1
+                if dAd != dAd or dr != dr or abs(dAd) == float("inf"):
+                    ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
+                    return
+                if dAd <= 0.0:
+                    ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_INDEFINITE_MAT)
+                    return
+                if dr == 0.0:
+                    ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_BREAKDOWN)
+                    return
+                alpha = dr / dAd
+                rn_old, rn = rn, ws.step(alpha, xt, dt, rt, Adt)   # x += αd, r −= αAd
+                free.pop()
+                dirs.append((slot, dAd))
+                if len(dirs) > self.northo:
+                    free.append(dirs.pop(0)[0])
+                its += 1
+                force_fallback = rn > self.stagnation * rn_old
+                if not self._report(ksp, its, rn):
+                    return
 
-    def _direction(self, A, nullsp, r, d, Ad, dirs):
+    def _jacobi(self, A, ws):
+        """D⁻¹ of the current operator (1 where it has no usable diagonal)."""
+        if self.minv is None:
+            minv, mt = ws.vecs[1], ws.rows[1]
+            try:
+                A.getDiagonal(minv)
+                mt.reciprocal_()
+                if not ws.all_finite_nonzero(mt):
+                    mt.fill_(1.0)
+            except PETSc.Error:
+                mt.fill_(1.0)      # shell operators without a diagonal: plain residual
+            self.minv = mt
+        return self.minv
+
+    def _direction(self, A, nullsp, ws, rt, d, dt, Ad, Adt, dirs):
         """Project d out of the null space, A-orthogonalise it against the
         previous directions (updating Ad without another MatMult), and
         return (dᵀr, dᵀAd)."""
+        d.stateIncrease()              # torch wrote it: no cached norms
         if nullsp is not None:
             nullsp.remove(d)
         t0 = time.perf_counter()
         A.mult(d, Ad)
         t1 = time.perf_counter()
-        if dirs:
-            # the last m directions are mutually A-orthogonal, so classical
-            # Gram-Schmidt (one global reduction) equals the modified one
-            for p, _, _ in dirs:
-                Ad.dotBegin(p)
-            c = [-Ad.dotEnd(p) / pAp for p, _, pAp in dirs]
-            d.maxpy(c, [p for p, _, _ in dirs])
-            Ad.maxpy(c, [q for _, q, _ in dirs])
+        # pᵀ(Ad) = 0 (not dᵀ(Ap) = 0) keeps r ⟂ p when A is not quite
+        # symmetric (PETSc's ex45: 8 iterations instead of 45). The last m
+        # directions are mutually A-orthogonal, so classical Gram-Schmidt
+        # (one global reduction) equals the modified one
+        c = ws.dots(Adt, [slot[1] for slot, _ in dirs]) if dirs else []
+        out = ws.orthogonalise([cj / pAp for cj, (_, pAp) in zip(c, dirs)],
+                               [slot[1] for slot, _ in dirs], [slot[3] for slot, _ in dirs],
+                               dt, Adt, rt)
         self.timing["matmult"] += t1 - t0
         self.timing["orthogonalise"] += time.perf_counter() - t1
-        d.dotBegin(r)       # both reductions in one message
-        d.dotBegin(Ad)
-        return d.dotEnd(r), d.dotEnd(Ad)
-
-    @staticmethod
-    def _finite(v):
-        n = v.norm(PETSc.NormType.NORM_INFINITY)
-        return n == n and n != float("inf") and n > 0.0
+        return out
 
     @staticmethod
     def _report(ksp, its, rn):

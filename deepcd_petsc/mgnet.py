@@ -323,7 +323,9 @@ class MGNet(nn.Module):
     def forward(self, r, geo):
         """r: (N, 1, D, H, W) residual (any scale); geo from prepare()."""
         pad = geo["pad"]
-        b = F.pad(r, (0, pad[2], 0, pad[1], 0, pad[0])) * geo["levels"][0]["fluid"]
+        if any(pad):
+            r = F.pad(r, (0, pad[2], 0, pad[1], 0, pad[0]))
+        b = r * geo["levels"][0]["fluid"]
         y = self._cycle(geo, 0, b)
         D, H, W = geo["shape"]
         return y[..., :D, :H, :W]

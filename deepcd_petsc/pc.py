@@ -62,7 +62,7 @@ class NetworkPC(NetworkContext):
         if n == 0.0 or n != n:
             x.copy(y)   # zero stays zero; NaN propagates to the KSP's own checks
             return
-        self.apply_network(x, y, scale=1.0 / n)
+        s = self.apply_network(x, y, scale=1.0 / n)
         # f approximates c·A⁻¹ for an unknown c of either sign; flexible
         # Krylov methods want xᵀPx > 0, so orient y along x
-        y.scale(n if y.dot(x) >= 0 else -n)
+        y.scale(1.0 / s if y.dot(x) >= 0 else -1.0 / s)

@@ -234,7 +234,8 @@ def test_cli_monitor_reason_view():
     assert re.search(rf"^\s*Linear\s+solve converged due to CONVERGED_RTOL iterations {its}$",
                      r.stdout, re.M), r.stdout
     for text in ["deepcd_petsc.DCDM", default_model_path(), "parameters", "A-orthogonalised",
-                 "fallback", "device cpu", "dtype float32", "2 A-orthogonalised"]:
+                 "fallback", "device cpu", "dtype float32", "2 A-orthogonalised",
+                 "Krylov vector work: fused C kernels", "overhead (all but"]:
         assert text in r.stdout, f"-ksp_view lacks {text!r}:\n{r.stdout}"
 
 

@@ -1,0 +1,124 @@
+"""Fused C kernels (kernels.c), compiled on first use and cached.
+
+Why compiled: DCDM's vector work is memory-bound, and torch makes one pass
+per operation; fusing the A-orthogonalisation with its dot products, and
+the x/r update with the residual norm, removes passes. Why at run time:
+the package stays pure Python (pip install needs no compiler), the build
+uses -march=native on the machine that runs it, and a cluster node without
+a compiler still works: every kernel has a torch fallback (workspace.py),
+and DEEPCD_KERNELS=0 forces it.
+
+The library links libgomp.so.1; loaded after torch, it binds to the OpenMP
+runtime torch already loaded (same soname), so one thread pool serves both.
+Cache: $DEEPCD_KERNEL_DIR, else $XDG_CACHE_HOME/deepcd_petsc, else
+~/.cache/deepcd_petsc; the file name hashes the source, the compiler and
+the CPU flags (nodes of another CPU type build their own copy).
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+_state = {"lib": None, "status": None}
+
+_d = ctypes.c_double
+_pd = ctypes.POINTER(ctypes.c_double)
+_ptrs = ctypes.POINTER(ctypes.c_void_p)
+_long, _int = ctypes.c_long, ctypes.c_int
+SIGNATURES = {
+    "deepcd_dots": [_long, ctypes.c_void_p, _int, _ptrs, _pd, _int],
+    "deepcd_orth_update": [_long, _int, _pd, _ptrs, _ptrs, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, _pd, _int],
+    "deepcd_step": [_long, _d, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_void_p, _pd, _int],
+}
+
+
+def cache_dir():
+    env = os.environ.get("DEEPCD_KERNEL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deepcd_petsc"
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler():
+    return shlex.split(os.environ.get("CC", "cc"))
+
+
+def _build():
+    cc = _compiler()
+    try:
+        version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"no C compiler ({' '.join(cc)}: {e})") from None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr((cc, version, _cpu_flags(), platform.machine())).encode())
+    out = cache_dir() / f"deepcd_kernels-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: ranks building at once never
+    # load a half-written file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        errors = []
+        for arch in (["-march=native"], []):
+            cmd = cc + ["-O3", *arch, "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if p.returncode == 0:
+                os.replace(tmp, out)
+                return out
+            errors.append(p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"])
+        raise RuntimeError(f"{' '.join(cc)} failed: {errors[-1][0]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load():
+    """The kernel library, or None (status() says why)."""
+    if _state["status"] is not None:
+        return _state["lib"]
+    if os.environ.get("DEEPCD_KERNELS", "1") == "0":
+        _state["status"] = "torch (DEEPCD_KERNELS=0)"
+        return None
+    try:
+        import torch  # noqa: F401  (its OpenMP runtime first: see the module docstring)
+        path = _build()
+        lib = ctypes.CDLL(str(path))
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        _state["lib"] = lib
+        _state["status"] = f"fused C kernels ({path})"
+    except Exception as e:   # any failure: the torch path, and say why
+        _state["status"] = f"torch (C kernels unavailable: {e})"
+    return _state["lib"]
+
+
+def status():
+    load()
+    return _state["status"]
+
+
+def pointers(tensors):
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
