@@ -9,7 +9,7 @@ setup(
     license="BSD-2-Clause",
     python_requires=">=3.9",
     packages=find_packages(include=["deepcd_petsc", "deepcd_petsc.*"]),
-    package_data={"deepcd_petsc": ["models/*.pt", "models/*.md"]},
+    package_data={"deepcd_petsc": ["models/*.pt", "models/*.md", "kernels.c"]},
     # petsc4py and mpi4py are deliberately not listed: they must match the
     # PETSc/MPI of the machine (Debian packages, a cluster module, spack or
     # conda) and pip must never try to build its own.
