@@ -31,6 +31,8 @@ class NetworkEvaluator:
         self.shape = tuple(da.getSizes())          # (nx, ny, nz)
         (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
         self.local_shape = (ze - zs, ye - ys, xe - xs)
+        from .mgnet import MGNet
+        self._reuse = {"reuse": True} if isinstance(net, MGNet) else {}
         self.forward_s = 0.0
         self.calls = 0
         self.halo = None
@@ -69,6 +71,7 @@ class NetworkEvaluator:
             out[inner] = self.work.getArray(readonly=True).reshape(self.real_shape)
         user.destroy()
         self.halo = HaloExchange(self.dec, mpicomm)
+        self._block = None
         if self.dec.active:
             with torch.inference_mode():
                 self.geo = self.net.prepare(torch.as_tensor(block), _tensor(dblock), dtype=dtype,
@@ -86,7 +89,8 @@ class NetworkEvaluator:
         """f(r) for r already in the network's dtype and device: (D, H, W)."""
         t = time.perf_counter()
         with torch.inference_mode():
-            y = self.net(r[None, None], self.geo)[0, 0]
+            # the result is copied out at once: the net may return its buffer
+            y = self.net(r[None, None], self.geo, **self._reuse)[0, 0]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         self.forward_s += time.perf_counter() - t
@@ -124,7 +128,10 @@ class NetworkEvaluator:
         wa = self.work.getArray().reshape(self.real_shape)
         if self.dec.active:
             with torch.inference_mode():
-                block = torch.zeros(self._block_shape(), dtype=self.dtype, device=self.device)
+                if self._block is None:   # kept: its padding beyond the grid stays zero
+                    self._block = torch.zeros(self._block_shape(), dtype=self.dtype,
+                                              device=self.device)
+                block = self._block
                 block[self.inner] = torch.from_numpy(wa)
                 out = self._run(block if scale == 1.0 else block.mul_(scale))
                 torch.from_numpy(wa).copy_(out[self.inner])

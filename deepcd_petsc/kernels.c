@@ -134,3 +134,116 @@ int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
     add_partials(part, used, 1, out);
     return 0;
 }
+
+/* ---- the V-cycle network's inference path (float32, mgnet.py) -----------
+ * Fields of a level are (D, H, W) arrays; x and s live in zero-bordered
+ * (D+2, H+2, W+2) buffers whose border holds the neighbours' halo (MPI) or
+ * zeros, so a 7-point stencil reads its neighbours without a padded copy.
+ * Each kernel is one pass where torch makes six to ten. The arithmetic
+ * follows mgnet.py's torch path term by term (the compiler may contract
+ * a*b+c into one rounding, so results agree to float32 rounding, not bits).
+ */
+#define ROW(p, z, y, H2, W2) ((p) + (((long)(z) + 1) * (H2) + (y) + 1) * (W2) + 1)
+
+/* s = dinv * b (the first smoothing step, from x = 0) */
+void deepcd_mg_first(int D, int H, int W, const float *b, const float *dinv, float *sp, int nt)
+{
+    long H2 = H + 2, W2 = W + 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            float *so = ROW(sp, z, y, H2, W2);
+#pragma omp simd
+            for (int x = 0; x < W; x++) so[x] = dinv[u + x] * b[u + x];
+        }
+}
+
+/* s = D⁻¹(b − A x) with A x = diag·x − (sum of the 6 neighbours) */
+void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const float *diag,
+                     const float *dinv, float *sp, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(xp, z, y, H2, W2);
+            float *so = ROW(sp, z, y, H2, W2);
+#pragma omp simd
+            for (int x = 0; x < W; x++) {
+                float nb = c[x - P] + c[x + P] + c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
+                so[x] = (nb - diag[u + x] * c[x] + b[u + x]) * dinv[u + x];
+            }
+        }
+}
+
+/* x (+)= g ∘ (w ∗ s): the learned 7-point stencil (centre, −z, +z, −y, +y,
+ * −x, +x) times the fluid-masked gate; `first`: x starts from zero */
+void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const float *g,
+                    float *xp, int first, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2;
+    float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6];
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(sp, z, y, H2, W2);
+            float *xo = ROW(xp, z, y, H2, W2);
+            if (first) {
+#pragma omp simd
+                for (int x = 0; x < W; x++)
+                    xo[x] = (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
+                             + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+            } else {
+#pragma omp simd
+                for (int x = 0; x < W; x++)
+                    xo[x] += (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
+                              + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+            }
+        }
+}
+
+/* coarse b = mask ∘ pool2(b − fluid ∘ (diag·x − neighbours)), D, H, W even */
+void deepcd_mg_restrict(int D, int H, int W, const float *xp, const float *b, const float *diag,
+                        const float *fluid, const float *cmask, float *cb, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2;
+    int Dc = D / 2, Hc = H / 2, Wc = W / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int Z = 0; Z < Dc; Z++)
+        for (int Y = 0; Y < Hc; Y++) {
+            float acc[Wc > 0 ? Wc : 1];
+            for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
+            for (int dz = 0; dz < 2; dz++)
+                for (int dy = 0; dy < 2; dy++) {
+                    int z = 2 * Z + dz, y = 2 * Y + dy;
+                    long u = ((long)z * H + y) * W;
+                    const float *c = ROW(xp, z, y, H2, W2);
+                    for (int x = 0; x < W; x++) {
+                        float nb = c[x - P] + c[x + P] + c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
+                        acc[x >> 1] += b[u + x] - fluid[u + x] * (diag[u + x] * c[x] - nb);
+                    }
+                }
+            long v = ((long)Z * Hc + Y) * Wc;
+            for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * 0.125f * cmask[v + X];
+        }
+}
+
+/* x += (scale · e(parent)) ∘ fluid: nearest-neighbour prolongation of the
+ * coarse correction e (D/2, H/2, W/2) */
+void deepcd_mg_prolong(int D, int H, int W, const float *e, float scale, const float *fluid,
+                       float *xp, int nt)
+{
+    long H2 = H + 2, W2 = W + 2;
+    int Hc = H / 2, Wc = W / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *ec = e + ((long)(z / 2) * Hc + y / 2) * Wc;
+            float *xo = ROW(xp, z, y, H2, W2);
+            for (int x = 0; x < W; x++) xo[x] += scale * ec[x >> 1] * fluid[u + x];
+        }
+}

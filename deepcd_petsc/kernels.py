@@ -1,12 +1,13 @@
 """Fused C kernels (kernels.c), compiled on first use and cached.
 
-Why compiled: DCDM's vector work is memory-bound, and torch makes one pass
-per operation; fusing the A-orthogonalisation with its dot products, and
-the x/r update with the residual norm, removes passes. Why at run time:
+Why compiled: DCDM's vector work and the V-cycle network are memory-bound,
+and torch makes one pass per operation; fusing the A-orthogonalisation
+with its dot products, the x/r update with the residual norm, and each
+smoothing step of the network into one stencil pass removes most passes. Why at run time:
 the package stays pure Python (pip install needs no compiler), the build
 uses -march=native on the machine that runs it, and a cluster node without
-a compiler still works: every kernel has a torch fallback (workspace.py),
-and DEEPCD_KERNELS=0 forces it.
+a compiler still works: every kernel has a torch fallback (workspace.py,
+mgnet.py), and DEEPCD_KERNELS=0 forces it.
 
 The library links libgomp.so.1; loaded after torch, it binds to the OpenMP
 runtime torch already loaded (same soname), so one thread pool serves both.
@@ -36,6 +37,14 @@ SIGNATURES = {
                            ctypes.c_void_p, _pd, _int],
     "deepcd_step": [_long, _d, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                     ctypes.c_void_p, _pd, _int],
+}
+_v, _f = ctypes.c_void_p, ctypes.c_float
+MG_SIGNATURES = {
+    "deepcd_mg_first": [_int, _int, _int, _v, _v, _v, _int],
+    "deepcd_mg_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
+    "deepcd_mg_step": [_int, _int, _int, _v, _v, _v, _v, _int, _int],
+    "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
+    "deepcd_mg_prolong": [_int, _int, _int, _v, _f, _v, _v, _int],
 }
 
 
@@ -108,6 +117,9 @@ def load():
         for name, args in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
+        for name, args in MG_SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
         _state["lib"] = lib
         _state["status"] = f"fused C kernels ({path})"
     except Exception as e:   # any failure: the torch path, and say why

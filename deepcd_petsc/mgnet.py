@@ -151,6 +151,7 @@ class MGNet(nn.Module):
         self.nu = nu
         self.coarse_its = coarse_its
         self.level_cap = None      # run-time cap (-ksp_dcdm_levels), not saved
+        self.fused = True          # inference through kernels.c when available
         self.pre = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.post = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.bottom = Smoother(coarse_its, gate_channels)
@@ -320,12 +321,98 @@ class MGNet(nn.Module):
         x = x + self.coarse_scale[l].to(x.dtype) * F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
-    def forward(self, r, geo):
-        """r: (N, 1, D, H, W) residual (any scale); geo from prepare()."""
+    def forward(self, r, geo, reuse=False):
+        """r: (N, 1, D, H, W) residual (any scale); geo from prepare().
+        `reuse`: the result may be a view of a buffer the next call
+        overwrites (the evaluator copies it out at once)."""
         pad = geo["pad"]
         if any(pad):
             r = F.pad(r, (0, pad[2], 0, pad[1], 0, pad[0]))
         b = r * geo["levels"][0]["fluid"]
-        y = self._cycle(geo, 0, b)
         D, H, W = geo["shape"]
+        lib = self._fused_lib(geo, b)
+        if lib is not None:
+            x = self._cycle_fused(geo, 0, b[0, 0], lib, torch.get_num_threads())
+            y = x[None, None, :D, :H, :W]
+            return y if reuse else y.clone()
+        y = self._cycle(geo, 0, b)
         return y[..., :D, :H, :W]
+
+    # -- the same V-cycle through the fused C kernels (inference) -------------
+    def _fused_lib(self, geo, b):
+        """The kernel library when this call can use it: inference on the
+        CPU in float32, one field, not switched off (net.fused = False);
+        else None (the torch path)."""
+        if not self.fused or torch.is_grad_enabled() or b.device.type != "cpu" \
+                or b.dtype != torch.float32 or b.shape[:2] != (1, 1):
+            return None
+        from . import kernels
+        return kernels.load()
+
+    @staticmethod
+    def _fields(lv):
+        """Contiguous (D, H, W) views and zero-bordered x/s buffers of a
+        level, made on first use and kept with the geometry."""
+        f = lv.get("fused")
+        if f is None:
+            D, H, W = lv["fluid"].shape[-3:]
+            f = lv["fused"] = {
+                **{k: lv[k][0, 0].contiguous() for k in ("fluid", "diag", "dinv")},
+                "gates": [[g[0, i].contiguous() for i in range(g.shape[1])] for g in lv["gates"]],
+                "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
+                "xp": torch.zeros(D + 2, H + 2, W + 2), "sp": torch.zeros(D + 2, H + 2, W + 2)}
+        return f
+
+    @staticmethod
+    def _smooth_fused(lib, nt, f, k, b, halo, start):
+        """Smoother k (0 pre/bottom, 1 post) of a level on f["xp"], from
+        x = 0 when `start`: per step one residual pass and one stencil pass,
+        with the halo filled in place before each."""
+        xp, sp = f["xp"], f["sp"]
+        D, H, W = b.shape
+        w = f["taps"][k]
+        for i, g in enumerate(f["gates"][k]):
+            first = start and i == 0
+            if first:
+                lib.deepcd_mg_first(D, H, W, b.data_ptr(), f["dinv"].data_ptr(), sp.data_ptr(), nt)
+            else:
+                if halo is not None:
+                    halo.fill(xp, 1)
+                lib.deepcd_mg_resid(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
+                                    f["dinv"].data_ptr(), sp.data_ptr(), nt)
+            if halo is not None:
+                halo.fill(sp, 1)
+            lib.deepcd_mg_step(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),
+                               xp.data_ptr(), int(first), nt)
+        return xp[1:-1, 1:-1, 1:-1]
+
+    def _cycle_fused(self, geo, l, b, lib, nt):
+        """_cycle on (D, H, W) fields; returns a view of level l's x buffer."""
+        lv, halo = geo["levels"][l], geo["halo"]
+        f = self._fields(lv)
+        if l == geo["L"] - 1:
+            whole = halo.gather_level(b[None, None], l)[0, 0] if lv["gathered"] else b
+            if "dense" in lv:
+                m = lv["dense"]
+                x = (m @ whole.reshape(-1).to(m.dtype)).to(b.dtype).reshape(whole.shape)
+            else:
+                x = self._smooth_fused(lib, nt, f, 0, whole.contiguous(),
+                                       None if lv["gathered"] else halo, True)
+            return halo.own_block(x, l) if lv["gathered"] else x
+        D, H, W = b.shape
+        xp = f["xp"]
+        self._smooth_fused(lib, nt, f, 0, b, halo, True)
+        if halo is not None:
+            halo.fill(xp, 1)
+        coarse = geo["levels"][l + 1]
+        if "cmask" not in f:
+            mask = halo.own_block(coarse["fluid"], l + 1) if coarse["gathered"] else coarse["fluid"]
+            f["cmask"] = mask[0, 0].contiguous()
+            f["scale"] = float(self.coarse_scale[l])
+        cb = torch.empty(D // 2, H // 2, W // 2)
+        lib.deepcd_mg_restrict(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
+                               f["fluid"].data_ptr(), f["cmask"].data_ptr(), cb.data_ptr(), nt)
+        e = self._cycle_fused(geo, l + 1, cb, lib, nt).contiguous()
+        lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), f["scale"], f["fluid"].data_ptr(),
+                              xp.data_ptr(), nt)
+        return self._smooth_fused(lib, nt, f, 1, b, halo, False)

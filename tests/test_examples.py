@@ -64,7 +64,8 @@ def test_scaling_script_model_and_strong():
     table = [l for l in r.stdout.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ")]
     assert len(table) == 2, r.stdout
     cells = [c.strip() for c in table[1].strip("|").split("|")]
-    assert cells[2] != "1x1x1" and float(cells[6]) > 0   # 2 blocks, halo bytes exchanged
+    assert cells[2] != "1x1x1" and float(cells[7]) > 0   # 2 blocks, halo bytes exchanged
+    assert 0 < float(cells[5]) <= float(cells[3])        # forward pass within the application
 
 
 def test_gpu_bench_script_runs_on_cpu(tmp_path):

@@ -205,3 +205,55 @@ def test_dense_coarsest_level_equals_the_sweeps(monkeypatch):
             out[cells] = net(r, geo)
     a, b = out[0], out[mgnet.DENSE_CELLS]
     assert ((a - b).norm() / a.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("scene,shape,cap", [("spheres", (64, 64, 64), None),
+                                             ("liquid", (33, 40, 29), None),
+                                             ("smoke", (5, 4, 4), None),
+                                             ("box", (32, 32, 32), 2)])
+def test_fused_kernels_equal_torch_path(scene, shape, cap):
+    """kernels.c's V-cycle (the CPU float32 inference path) against the torch
+    path, with the trained weights: equal to float32 rounding. Padded odd
+    grids; cap 2: a 16³ coarsest level by sweeps, not the dense matrix."""
+    from deepcd_petsc import kernels
+    from deepcd_petsc.model import default_model_path
+    assert kernels.load() is not None, kernels.status()
+    net, _ = load_model(default_model_path())
+    net.level_cap = cap
+    flags, faces = make_flags(scene, shape, 5)
+    geo = prepared(net, flags, faces, torch.float32)
+    assert ("dense" in geo["levels"][-1]) == (cap is None)
+    r = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fused = net(r, geo)
+        net.fused = False
+        plain = net(r, geo)
+    assert "fused" in geo["levels"][0]          # the kernels really ran
+    err = ((fused - plain).abs().max() / plain.abs().max()).item()
+    assert 0 < plain.abs().max() and err < 1e-5, err
+
+
+def test_fused_result_is_a_fresh_tensor_unless_reuse():
+    net = MGNet()
+    flags, faces = make_flags("spheres", (16, 16, 16), 1)
+    geo = prepared(net, flags, faces, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    r1, r2 = (torch.randn(1, 1, 16, 16, 16, generator=g) for _ in range(2))
+    with torch.no_grad():
+        y1 = net(r1, geo)
+        keep = y1.clone()
+        y2 = net(r2, geo)
+        assert torch.equal(y1, keep) and not torch.equal(y1, y2)
+        v1 = net(r1, geo, reuse=True)
+        v2 = net(r2, geo, reuse=True)
+    assert v1.data_ptr() == v2.data_ptr()       # the level's buffer, overwritten
+    assert torch.allclose(v2, y2)
+
+
+def test_training_keeps_the_autograd_path():
+    net = MGNet()
+    flags, faces = make_flags("liquid", (16, 16, 16), 2)
+    with torch.no_grad():
+        geo = net.prepare(flags, dirichlet_fraction(flags, faces))
+    y = net(torch.randn(1, 1, 16, 16, 16), geo)
+    assert y.requires_grad and "fused" not in geo["levels"][0]
