@@ -159,9 +159,11 @@ void deepcd_mg_first(int D, int H, int W, const float *b, const float *dinv, flo
         }
 }
 
-/* s = D⁻¹(b − A x) with A x = diag·x − (sum of the 6 neighbours) */
-void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const float *diag,
-                     const float *dinv, float *sp, int nt)
+/* s = D⁻¹(b − A x) with A x = diag·x − (sum of the 6 neighbours), as
+ * D⁻¹(b + neighbours) − x: x is zero off the fluid (gates, prolongation and
+ * D⁻¹ carry the fluid mask), so D⁻¹·diag·x = x and diag need not be read */
+void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+                     float *sp, int nt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -173,7 +175,7 @@ void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const
 #pragma omp simd
             for (int x = 0; x < W; x++) {
                 float nb = c[x - P] + c[x + P] + c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
-                so[x] = (nb - diag[u + x] * c[x] + b[u + x]) * dinv[u + x];
+                so[x] = (nb + b[u + x]) * dinv[u + x] - c[x];
             }
         }
 }

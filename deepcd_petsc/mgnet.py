@@ -378,8 +378,8 @@ class MGNet(nn.Module):
             else:
                 if halo is not None:
                     halo.fill(xp, 1)
-                lib.deepcd_mg_resid(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
-                                    f["dinv"].data_ptr(), sp.data_ptr(), nt)
+                lib.deepcd_mg_resid(D, H, W, xp.data_ptr(), b.data_ptr(), f["dinv"].data_ptr(),
+                                    sp.data_ptr(), nt)
             if halo is not None:
                 halo.fill(sp, 1)
             lib.deepcd_mg_step(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),

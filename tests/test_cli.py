@@ -1,5 +1,6 @@
 """The `deepcd` command line: solving, JSON output and one-line errors."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -44,6 +45,22 @@ def test_solve_json_mpi():
     assert r.stdout.count("iterations") == 2  # text report + JSON, once each
 
 
+def test_solve_repeated_with_one_ksp():
+    """--solves 3: the same KSP solves three times (its work vectors and
+    network buffers reused), same iterations, the median reported."""
+    r = run_cli(["solve", "--n", "16", "--seed", "3", "--solves", "3", "--json",
+                 "-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM",
+                 "-ksp_rtol", "1e-6", "-ksp_converged_reason"])
+    res = check_converged(r, 1)
+    assert len(res["solve_times"]) == 3
+    assert sorted(res["solve_times"])[1] == pytest.approx(res["solve_s"])
+    its = re.findall(r"CONVERGED_RTOL iterations (\d+)", r.stdout)
+    assert len(its) == 3 and len(set(its)) == 1, r.stdout
+    assert "median of 3" in r.stdout
+    bad = run_cli(["solve", "--n", "8", "--solves", "0"])
+    assert bad.returncode == 2 and "--solves" in bad.stderr
+
+
 def test_solve_non_cubic():
     r = run_cli(["solve", "--scene", "liquid", "--shape", "9,7,6", "--seed", "3",
                  "-ksp_rtol", "1e-6", "--json"])
@@ -57,6 +74,7 @@ def test_info():
     assert r.returncode == 0, r.stderr
     assert "PETSc" in r.stdout and "torch" in r.stdout
     assert "default model" in r.stdout and "V-cycle network" in r.stdout
+    assert "CPU kernels" in r.stdout and "fused C kernels" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr
 
 
