@@ -33,6 +33,7 @@ class NetworkContext:
         self.flags = None          # user geometry: (flags, open_faces)
         self.geometry_source = None
         self.grid_source = None
+        self.op_state = None       # (Mat handle, state) the evaluator was built for
 
     # -- options ------------------------------------------------------------
     def option_prefix(self, obj):
@@ -84,8 +85,16 @@ class NetworkContext:
         self.setup_s = {}
 
     def setup_network(self, obj, A):
+        """Load the model and build the evaluator for A's geometry; again
+        when A changed since (a new operator, or the same Mat assembled
+        anew: time stepping with moving obstacles) and the geometry is
+        derived from it. PETSc does not call a Python KSP's setUp again
+        for a new operator of the same size, so solve() calls this too."""
+        state = (A.handle, A.stateGet())
         if self.evaluator is not None:
-            return
+            if state == self.op_state or self.flags is not None:
+                return          # set_flags geometry does not follow A's values
+            self.reset_network()
         import torch
         from .evaluator import NetworkEvaluator
         from .model import DTYPES, ModelFileError, default_model_path, load_model
@@ -119,6 +128,7 @@ class NetworkContext:
                 da.destroy()
         self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
                         "evaluator": time.perf_counter() - t2}
+        self.op_state = state
 
     def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the

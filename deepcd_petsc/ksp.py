@@ -92,8 +92,7 @@ class DCDM(NetworkContext):
     @reported
     def solve(self, ksp, b, x):
         A, _ = ksp.getOperators()
-        if self.evaluator is None:
-            self.setUp(ksp)
+        self.setUp(ksp)          # no-op unless new, or the operator changed
         ws = self._workspace(b.getSizes(), b.getBlockSize(), b.getComm())
         self.timing = dict.fromkeys(("network", "matmult", "orthogonalise", "total"), 0.0)
         ev = self.evaluator

@@ -558,3 +558,37 @@ def test_petsc_tutorial_ex45_same_iterations_on_ranks():
         assert int(line[3]) > 0 and float(line[4]) <= 1e-5, line
         its[p] = int(line[2])
     assert its[1] == its[3] and its[1] <= 12, its
+
+
+# ------------------------------------------------------------------ changing operators
+@pytest.mark.parametrize("solver", ["dcdm", "fcg"])
+def test_new_operator_rebuilds_the_derived_geometry(problems, solver):
+    """Time stepping with moving obstacles: the same KSP gets a new operator
+    (KSPSetOperators), then the same Mat assembled anew. With the geometry
+    derived from the operator, DCDM and the network PC follow it and take
+    the iterations of a fresh KSP on it; the old geometry would be wrong."""
+    p1, p2 = problems("spheres", 24, seed=3), problems("liquid", 24, seed=8)
+    opts = dict(DCDM) if solver == "dcdm" else network_pc("fcg")
+    opts.update(ksp_rtol="1e-6", ksp_norm_type="unpreconditioned")
+    with make_ksp(p2.A, "chg_", opts, p2.da) as ksp:
+        fresh = solve(ksp, p2)[1]
+    with make_ksp(p1.A, "chg_", opts, p1.da) as ksp:
+        ctx = (ksp if solver == "dcdm" else ksp.getPC()).getPythonContext()
+        solve(ksp, p1)
+        first = ctx.evaluator
+        solve(ksp, p1)
+        assert ctx.evaluator is first                  # same operator: nothing rebuilt
+        ksp.setOperators(p2.A)
+        reason, its, res, _ = solve(ksp, p2)
+        assert ctx.evaluator is not first
+        assert reason == "CONVERGED_RTOL" and its == fresh and res <= 1e-6, (its, fresh)
+        # the same Mat object, assembled anew with p2's values
+        A = p1.A.duplicate(copy=True)
+        ksp.setOperators(A)
+        solve(ksp, p1)
+        second = ctx.evaluator
+        p2.A.copy(A)
+        reason, its, res, _ = solve(ksp, p2)
+        assert ctx.evaluator is not second
+        assert reason == "CONVERGED_RTOL" and its == fresh, (its, fresh)
+        A.destroy()
