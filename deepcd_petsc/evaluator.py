@@ -2,9 +2,11 @@
 
 One rank: a zero-copy NumPy view of the Vec becomes a torch tensor; the only
 copy is the dtype cast. Several ranks: one VecScatter moves the field to the
-aligned blocks of halo.Decomposition, each rank runs the same nn.Module on
-its block with halo exchanges before every 3×3×3 convolution, and the
-reverse scatter brings the result back. No rank ever holds the whole field.
+aligned blocks of halo.Decomposition (none when the application's DMDA
+split is already aligned: its blocks are used as they are), each rank runs
+the same nn.Module on its block with halo exchanges before every 3×3×3
+convolution, and the reverse scatter brings the result back. No rank ever
+holds the whole field.
 """
 import time
 import warnings
@@ -45,7 +47,14 @@ class NetworkEvaluator:
             return
         from .layout import Layout
         mpicomm = self.comm.tompi4py()
-        self.dec = Decomposition(self.shape, net.multiple_for(self.shape), self.comm.getSize(), self.comm.getRank())
+        self.dec = Decomposition(self.shape, net.multiple_for(self.shape), self.comm.getSize(),
+                                 self.comm.getRank(), ranges=da.getOwnershipRanges())
+        # the application's split is already aligned: its blocks are ours,
+        # and apply() reads and writes the Vecs without the VecScatter
+        box = ((xs, xe), (ys, ye), (zs, ze))
+        from mpi4py import MPI
+        self.identity = mpicomm.allreduce(self.dec.active and self.dec.real_block == box,
+                                          op=MPI.LAND)
         (bx0, bx1), (by0, by1), (bz0, bz1) = self.dec.real_block
         k, j, i = np.meshgrid(np.arange(bz0, bz1), np.arange(by0, by1),
                               np.arange(bx0, bx1), indexing="ij")
@@ -124,18 +133,29 @@ class NetworkEvaluator:
                     ya = torch.from_numpy(y.getArray().reshape(self.local_shape))
                 ya.copy_(out)
             return
+        if self.identity:
+            self._apply_block(x.getArray(readonly=True).reshape(self.real_shape),
+                              y.getArray().reshape(self.real_shape), scale)
+            return
         self._to_blocks(x)
         wa = self.work.getArray().reshape(self.real_shape)
+        self._apply_block(wa, wa, scale)
+        self.scatter.scatter(self.work, y, PETSc.InsertMode.INSERT, PETSc.ScatterMode.REVERSE)
+
+    def _apply_block(self, xa, ya, scale):
+        """This rank's block: NumPy views of the input and output (they may
+        be the same array)."""
         if self.dec.active:
             with torch.inference_mode():
                 if self._block is None:   # kept: its padding beyond the grid stays zero
                     self._block = torch.zeros(self._block_shape(), dtype=self.dtype,
                                               device=self.device)
                 block = self._block
-                block[self.inner] = torch.from_numpy(wa)
+                with warnings.catch_warnings():  # read-only input view: only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    block[self.inner] = torch.from_numpy(xa)
                 out = self._run(block if scale == 1.0 else block.mul_(scale))
-                torch.from_numpy(wa).copy_(out[self.inner])
-        self.scatter.scatter(self.work, y, PETSc.InsertMode.INSERT, PETSc.ScatterMode.REVERSE)
+                torch.from_numpy(ya).copy_(out[self.inner])
 
     def destroy(self):
         if self.dec is not None:

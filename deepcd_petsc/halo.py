@@ -25,11 +25,17 @@ class Decomposition:
     """Px×Py×Pz blocks over the grid padded to `multiple`; ranks beyond
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
 
-    def __init__(self, shape_xyz, multiple, size, rank):
+    def __init__(self, shape_xyz, multiple, size, rank, ranges=None):
+        """`ranges`: the application's DMDA ownership (cells per process
+        along x, y, z); used as it is when already aligned, so that no
+        scatter is needed (evaluator.py)."""
         self.shape = tuple(int(s) for s in shape_xyz)
         self.multiple = multiple
         units = [-(-s // multiple) for s in self.shape]
         self.padded = tuple(u * multiple for u in units)
+        self.rank = rank
+        if ranges is not None and self._use_aligned(ranges, size):
+            return
         best = None
         for px, py, pz in itertools.product(*(range(1, min(u, size) + 1) for u in units)):
             n = px * py * pz
@@ -44,7 +50,23 @@ class Decomposition:
         self.procs = best[1]
         self.active_ranks = int(np.prod(self.procs))
         self.starts = [_split(u, p) * multiple for u, p in zip(units, self.procs)]
-        self.rank = rank
+        self._place()
+
+    def _use_aligned(self, ranges, size):
+        sizes = [np.asarray(r, dtype=int) for r in ranges]
+        if int(np.prod([len(r) for r in sizes])) != size or any(
+                (r[:-1] % self.multiple).any() for r in sizes):
+            return False
+        self.procs = tuple(len(r) for r in sizes)
+        self.active_ranks = size
+        # the last block of each axis reaches to the padded size
+        self.starts = [np.concatenate([[0], np.cumsum(r)[:-1], [pad]])
+                       for r, pad in zip(sizes, self.padded)]
+        self._place()
+        return True
+
+    def _place(self):
+        rank = self.rank
         self.active = rank < self.active_ranks
         if self.active:
             px, py, _ = self.procs

@@ -84,8 +84,26 @@ def test_decomposition_inactive_ranks():
     assert d.active_ranks == 6 and not d.active
 
 
+def test_decomposition_takes_an_aligned_application_split():
+    """PETSc's split used as it is when every inner boundary is a multiple
+    of the alignment (the last block reaches to the padded size); else the
+    own near-equal split."""
+    ranges = ([32, 32], [64], [16, 16, 17])          # x, y, z cells per process
+    d = [Decomposition((64, 64, 49), 16, 6, r, ranges=ranges) for r in range(6)]
+    assert d[0].procs == (2, 1, 3) and all(x.active for x in d)
+    assert d[0].padded == (64, 64, 64)
+    assert d[0].block == ((0, 32), (0, 64), (0, 16))
+    assert d[5].block == ((32, 64), (0, 64), (32, 64)) and d[5].real_block[2] == (32, 49)
+    own = Decomposition((64, 64, 49), 16, 6, 0, ranges=([30, 34], [64], [16, 16, 17]))
+    assert own.procs != (2, 1, 3) or list(own.starts[0]) != [0, 30, 64]
+    assert all(v % 16 == 0 for axis in own.starts for v in axis)
+    wrong_count = Decomposition((64, 64, 64), 16, 4, 0, ranges=([32, 32], [64], [64]))
+    assert wrong_count.active_ranks == 4     # 2 blocks for 4 ranks: not used
+
+
 # ------------------------------------------------------------------ evaluation exactness
-CASE = re.compile(r"^CASE (\d+) (\S+) (\S+) (\S+) (float32|float64) (\S+) (\d+)/(\d+)$")
+CASE = re.compile(r"^CASE (\d+) (\S+) (\S+) (\S+) (float32|float64) (\S+) (\d+)/(\d+) "
+                  r"(direct|scatter)$")
 
 
 def check_exactness(r, size, big):
@@ -93,7 +111,7 @@ def check_exactness(r, size, big):
     lines = r.stdout.splitlines()
     assert f"OK {size}" in lines, r.stdout + r.stderr
     cases = [m for m in map(CASE.match, lines) if m]
-    assert len(cases) == (11 if big else 9), r.stdout
+    assert len(cases) == (12 if big else 10), r.stdout
     for m in cases:
         assert int(m.group(1)) == size and int(m.group(8)) == size
         assert float(m.group(6)) <= TOL[m.group(5)], m.group(0)
@@ -104,6 +122,13 @@ def check_exactness(r, size, big):
         # even the small grid gives every rank a block
         small = [m for m in cases if m.group(2) == "16x14x13"]
         assert small and all(int(m.group(7)) == size for m in small), r.stdout
+    if size in (2, 4, 8):
+        # PETSc's split of 32³ is aligned: the evaluator skips the VecScatter
+        pow2 = [m for m in cases if m.group(2) == "32x32x32"]
+        assert pow2 and all(m.group(9) == "direct" for m in pow2), r.stdout
+    if size > 1:
+        # 33x40x29 split 1x1xP/Px1x1 by PETSc is never aligned: the scatter path
+        assert any(m.group(9) == "scatter" for m in cases), r.stdout
     if big:
         assert sum(m.group(2) == "65x65x65" for m in cases) == 2
     assert sum(l.startswith("OK geometry") for l in lines) == 2, r.stdout
