@@ -169,17 +169,20 @@ class HaloExchange:
                     send[ax] = slice(n - 2 * w, n - w)
                     recv[ax] = slice(0, w)
                 # at the ends of the line of blocks only one direction moves
+                # slabs across the slowest axis are contiguous: sent and
+                # received in place, the others through a buffer
+                rview = arr[tuple(recv)]
+                direct = rview.flags.c_contiguous
+                rbuf = rview if direct else np.empty_like(rview)
                 if dst is None:
-                    rbuf = np.empty_like(arr[tuple(recv)])
                     self.comm.Recv(rbuf, source=src)
                 elif src is None:
                     sbuf = np.ascontiguousarray(arr[tuple(send)])
                     self.comm.Send(sbuf, dest=dst)
                 else:
                     sbuf = np.ascontiguousarray(arr[tuple(send)])
-                    rbuf = np.empty_like(arr[tuple(recv)])
                     self.comm.Sendrecv(sbuf, dest=dst, recvbuf=rbuf, source=src)
-                if src is not None:
+                if src is not None and not direct:
                     arr[tuple(recv)] = rbuf
                 if dst is not None:
                     self.bytes += sbuf.nbytes
@@ -190,21 +193,22 @@ class HaloExchange:
         return out
 
 
-def halo_cost(net, block, bytes_per_value=4, levels=None, gathered=False):
+def halo_cost(net, block, bytes_per_value=4, levels=None, gather_from=None, grid=None):
     """Per network application on one rank with a cubic block of side
     `block` (fine cells): (halo bytes sent, convolution FLOPs, number of
     halo exchanges); `levels` for networks whose depth follows the grid;
-    `gathered`: the coarsest level is gathered (one allgather, counted
-    neither as exchanges nor as halo bytes). Halo: three phases send 2b²,
-    2b(b+2), 2(b+2)² values per channel (faces, then edges, then corners)."""
+    `gather_from`: the level from which the whole (gathered) level is
+    computed on every rank (one allgather, no exchanges or halo bytes; its
+    FLOPs are those of the whole level of the cubic grid of side `grid`).
+    Halo: three phases send 2b², 2b(b+2), 2(b+2)² values per channel (faces,
+    then edges, then corners)."""
     sent = flops = 0
     exchanges = 0
-    plan = net.conv_plan(levels)
-    coarsest = max(entry[0] for entry in plan)
-    for level, cin, cout, k, *taps in plan:
-        b = max(block // 2 ** level, 1)
+    for level, cin, cout, k, *taps in net.conv_plan(levels):
+        whole = gather_from is not None and level >= gather_from
+        b = max((grid if whole and grid else block) // 2 ** level, 1)
         flops += 2 * (taps[0] if taps else k ** 3) * cin * cout * b ** 3
-        if k > 1 and not (gathered and level == coarsest):
+        if k > 1 and not whole:
             exchanges += 1
             sent += (2 * b * b + 2 * b * (b + 2) + 2 * (b + 2) ** 2) * cin * bytes_per_value
     return sent, flops, exchanges

@@ -41,10 +41,18 @@ DEFAULT_MG_CONFIG = {
     "gate_channels": 8,
 }
 
-# Distributed evaluation gathers the coarsest level onto every rank when it
-# has at most this many cells: its 2·coarse_its − 1 stencils then need one
-# allgather instead of as many latency-bound halo exchanges.
+# Distributed evaluation gathers the first level with at most this many
+# cells onto every rank and runs the rest of the V-cycle from there as
+# serially (every rank the same): one allgather instead of the many
+# latency-bound halo exchanges of the small coarse levels.
 GATHER_CELLS = 32 ** 3
+
+
+def gather_level(level_cells):
+    """Index of the first coarse level (cells per level, finest first)
+    small enough to gather, or None; never the finest: no rank ever holds
+    the whole field."""
+    return next((l for l, c in enumerate(level_cells) if l > 0 and c <= GATHER_CELLS), None)
 # A whole coarsest level of at most this many cells is smoothed at inference
 # by one precomputed dense matrix (the smoother is linear in b): one matvec
 # instead of 2·coarse_its − 1 stencils of a few cells, whose cost is Python.
@@ -243,7 +251,8 @@ class MGNet(nn.Module):
         open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
         open_ = open_.round().clamp(min=0) * fl
         levels = []
-        gather = halo is not None and math.prod(halo.level_shape(L - 1)) <= GATHER_CELLS
+        g = None if halo is None else gather_level(
+            [math.prod(halo.level_shape(l)) for l in range(L)])
         for l in range(L):
             if l > 0:
                 # a coarse cell is air if any child is, else fluid if any child is
@@ -251,9 +260,10 @@ class MGNet(nn.Module):
                 fl = F.max_pool3d(fl, 2) * (1 - air)
                 open_ = F.max_pool3d(open_, 2) * fl
             lh = halo
-            if gather and l == L - 1:
-                # the whole coarsest level on every rank, computed as serially
-                fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
+            if g is not None and l >= g:
+                # from level g on the whole level on every rank, as serially
+                if l == g:
+                    fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
                 lh = None
             diag = (neighbour_sum(fl + air, lh) + open_) * fl
             diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
@@ -302,22 +312,26 @@ class MGNet(nn.Module):
             x = dx if x is None else (x.add_(dx) if fast else x + dx)
         return x
 
-    def _cycle(self, geo, l, b):
-        lv, halo = geo["levels"][l], geo["halo"]
+    def _cycle(self, geo, l, b, whole=False):
+        """x for level l's right-hand side b; `whole`: b is the whole level
+        (gathered), computed without halos as on one process."""
+        lv = geo["levels"][l]
+        if lv["gathered"] and not whole:
+            x = self._cycle(geo, l, geo["halo"].gather_level(b, l), whole=True)
+            return geo["halo"].own_block(x, l)
+        halo = None if whole else geo["halo"]
         if l == geo["L"] - 1:
-            whole = halo.gather_level(b, l) if lv["gathered"] else b
             if "dense" in lv and not torch.is_grad_enabled():
                 m = lv["dense"]
-                x = (m @ whole.reshape(-1).to(m.dtype)).to(b.dtype).reshape(whole.shape)
-            else:
-                x = self._smooth(self.bottom, lv["gates"][0], lv, whole, None,
-                                 None if lv["gathered"] else halo, lv["taps"][0])
-            return halo.own_block(x, l) if lv["gathered"] else x
+                return (m @ b.reshape(-1).to(m.dtype)).to(b.dtype).reshape(b.shape)
+            return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
         coarse = geo["levels"][l + 1]
-        mask = halo.own_block(coarse["fluid"], l + 1) if coarse["gathered"] else coarse["fluid"]
-        e = self._cycle(geo, l + 1, pool2(r) * mask)
+        mask = coarse["fluid"]
+        if coarse["gathered"] and not whole:
+            mask = geo["halo"].own_block(mask, l + 1)
+        e = self._cycle(geo, l + 1, pool2(r) * mask, whole)
         x = x + self.coarse_scale[l].to(x.dtype) * F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
@@ -386,19 +400,20 @@ class MGNet(nn.Module):
                                xp.data_ptr(), int(first), nt)
         return xp[1:-1, 1:-1, 1:-1]
 
-    def _cycle_fused(self, geo, l, b, lib, nt):
+    def _cycle_fused(self, geo, l, b, lib, nt, whole=False):
         """_cycle on (D, H, W) fields; returns a view of level l's x buffer."""
-        lv, halo = geo["levels"][l], geo["halo"]
+        lv = geo["levels"][l]
+        if lv["gathered"] and not whole:
+            b = geo["halo"].gather_level(b[None, None], l)[0, 0]
+            x = self._cycle_fused(geo, l, b, lib, nt, whole=True)
+            return geo["halo"].own_block(x, l)
+        halo = None if whole else geo["halo"]
         f = self._fields(lv)
         if l == geo["L"] - 1:
-            whole = halo.gather_level(b[None, None], l)[0, 0] if lv["gathered"] else b
             if "dense" in lv:
                 m = lv["dense"]
-                x = (m @ whole.reshape(-1).to(m.dtype)).to(b.dtype).reshape(whole.shape)
-            else:
-                x = self._smooth_fused(lib, nt, f, 0, whole.contiguous(),
-                                       None if lv["gathered"] else halo, True)
-            return halo.own_block(x, l) if lv["gathered"] else x
+                return (m @ b.reshape(-1).to(m.dtype)).to(b.dtype).reshape(b.shape)
+            return self._smooth_fused(lib, nt, f, 0, b.contiguous(), halo, True)
         D, H, W = b.shape
         xp = f["xp"]
         self._smooth_fused(lib, nt, f, 0, b, halo, True)
@@ -406,13 +421,15 @@ class MGNet(nn.Module):
             halo.fill(xp, 1)
         coarse = geo["levels"][l + 1]
         if "cmask" not in f:
-            mask = halo.own_block(coarse["fluid"], l + 1) if coarse["gathered"] else coarse["fluid"]
+            mask = coarse["fluid"]
+            if coarse["gathered"] and not whole:
+                mask = geo["halo"].own_block(mask, l + 1)
             f["cmask"] = mask[0, 0].contiguous()
             f["scale"] = float(self.coarse_scale[l])
         cb = torch.empty(D // 2, H // 2, W // 2)
         lib.deepcd_mg_restrict(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
                                f["fluid"].data_ptr(), f["cmask"].data_ptr(), cb.data_ptr(), nt)
-        e = self._cycle_fused(geo, l + 1, cb, lib, nt).contiguous()
+        e = self._cycle_fused(geo, l + 1, cb, lib, nt, whole).contiguous()
         lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), f["scale"], f["fluid"].data_ptr(),
                               xp.data_ptr(), nt)
         return self._smooth_fused(lib, nt, f, 1, b, halo, False)

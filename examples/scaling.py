@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def model_table(args):
     sys.path.insert(0, os.path.dirname(HERE))
     from deepcd_petsc.halo import halo_cost
-    from deepcd_petsc.mgnet import GATHER_CELLS
+    from deepcd_petsc.mgnet import gather_level
     from deepcd_petsc.model import load_model
     net, _ = load_model(args.model)
     print(f"per network application and rank, cubic blocks, float32 ({net.describe()})")
@@ -38,8 +38,8 @@ def model_table(args):
         m = net.multiple_for((n, n, n))
         active = min(p, (n // m) ** 3)       # blocks are whole multiples of m
         b = round(n / active ** (1 / 3))
-        gathered = (n // m) ** 3 <= GATHER_CELLS and hasattr(net, "level_cap")
-        sent, flops, ex = halo_cost(net, b, levels=levels, gathered=gathered)
+        g = gather_level([(n >> l) ** 3 for l in range(levels)]) if hasattr(net, "level_cap") else None
+        sent, flops, ex = halo_cost(net, b, levels=levels, gather_from=g, grid=n)
         print(f"| {n}³ on {p} | {levels} | {m} | {active} | {b} | {sent / 1e6:.2f} MB | "
               f"{flops / 1e9:.3f} GFLOP | {sent / flops:.1e} | {ex} |")
 
