@@ -33,6 +33,8 @@ def launch(tmp_path, script, **env):
     r = subprocess.run(["bash", os.path.join(JOBS, script)], capture_output=True, text=True, env=e,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    # the CPU kernels are built (into this HOME's cache) before the launch
+    assert "deepcd CPU kernels: fused C kernels" in r.stdout, r.stdout + r.stderr
     return log.read_text().split("\n")[:-1], (tmp_path / "launcher.txt").read_text().strip()
 
 
