@@ -34,6 +34,7 @@ class NetworkContext:
         self.geometry_source = None
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
+        self.derived = None        # (flags, dirichlet, decoupled rows) read off that operator
 
     # -- options ------------------------------------------------------------
     def option_prefix(self, obj):
@@ -94,6 +95,9 @@ class NetworkContext:
         if self.evaluator is not None:
             if state == self.op_state or self.flags is not None:
                 return          # set_flags geometry does not follow A's values
+            if self._same_derived_geometry(obj, A):
+                self.op_state = state   # re-assembled, same obstacles: keep the network
+                return
             self.reset_network()
         import torch
         from .evaluator import NetworkEvaluator
@@ -229,7 +233,31 @@ class NetworkContext:
         self._dirichlet_rows(A, rows, scale)
         if self.rows_dinv is not None:
             self.geometry_source += ", with Dirichlet rows (solved by their diagonal)"
+        self.derived = (flags, dirichlet, rows)
         return flags, dirichlet
+
+    def _same_derived_geometry(self, obj, A):
+        """Whether a changed operator still has the geometry the network was
+        built for (time stepping often re-assembles the same obstacles); if
+        so, only the diagonal scaling of kept Dirichlet rows is refreshed.
+        Collective: every rank gets the same answer."""
+        from mpi4py import MPI
+        da, own = self._grid(obj, A)
+        try:
+            (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+            new = geometry_from_operator(da, A, (ze - zs, ye - ys, xe - xs), with_rows=True)
+        finally:
+            if own:
+                da.destroy()
+        same = all(np.array_equal(a, b) for a, b in zip(new[:3], self.derived))
+        if not A.getComm().tompi4py().allreduce(same, op=MPI.LAND):
+            return False
+        for v in (self.rows_dinv, self.work):
+            if v is not None:
+                v.destroy()
+        self.rows_dinv = self.work = None
+        self._dirichlet_rows(A, new[2], new[3])
+        return True
 
     # -- view -------------------------------------------------------------------
     def view_network(self, viewer):

@@ -3,8 +3,9 @@ padded grid and the halo exchange that each 3×3×3 convolution calls.
 
 Why aligned blocks: the network pools 2×2×2 (levels-1) times; a rank's block
 must start and end on multiples of 2^(levels-1) for its pooled cells to be
-the serial ones. The user's DMDA split is arbitrary, so evaluator.py moves
-the field to this decomposition with one PETSc VecScatter each way.
+the serial ones. The user's DMDA split is arbitrary: evaluator.py uses it
+as it is when it happens to be aligned, and otherwise moves the field to
+this decomposition with one PETSc VecScatter each way.
 """
 import itertools
 import time
@@ -93,7 +94,7 @@ class Decomposition:
 
 
 class HaloExchange:
-    """Adds a w-cell halo from the 26 neighbours to a (N, C, D, H, W) block:
+    """Adds a w-cell halo from the 26 neighbours to a (..., D, H, W) block:
     three phases (x, then y including x-ghosts, then z including both) fill
     faces, edges and corners with 6 pairwise MPI Sendrecv calls. Zeros on the
     global boundary, as zero padding gives on one process."""

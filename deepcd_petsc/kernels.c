@@ -1,11 +1,12 @@
-/* Fused float64 vector kernels for DCDM's Krylov work (see kernels.py).
+/* Fused CPU kernels (see kernels.py): float64 vector kernels for DCDM's
+ * Krylov work, then the float32 kernels of the V-cycle network's inference.
  *
  * Each kernel makes one pass over its vectors where torch needs one pass
  * per operation; reductions return this rank's partial sums (the caller
  * adds them over the ranks). Threads: OpenMP with an explicit count, bound
  * at load time to the OpenMP runtime torch already loaded. Partial sums
- * are per thread and added in thread order, so a result depends only on
- * the thread count, never on timing.
+ * are per thread and added in thread order, so for a given build a result
+ * depends only on the thread count, never on timing.
  */
 #include <omp.h>
 

@@ -12,8 +12,8 @@ mgnet.py), and DEEPCD_KERNELS=0 forces it.
 The library links libgomp.so.1; loaded after torch, it binds to the OpenMP
 runtime torch already loaded (same soname), so one thread pool serves both.
 Cache: $DEEPCD_KERNEL_DIR, else $XDG_CACHE_HOME/deepcd_petsc, else
-~/.cache/deepcd_petsc; the file name hashes the source, the compiler and
-the CPU flags (nodes of another CPU type build their own copy).
+~/.cache/deepcd_petsc; the file name hashes the source, the compiler, its
+options and the CPU flags (nodes of another CPU type build their own copy).
 """
 import ctypes
 import hashlib
@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]     # then -march=native, or without
 _state = {"lib": None, "status": None}
 
 _d = ctypes.c_double
@@ -79,7 +80,8 @@ def _build():
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C compiler ({' '.join(cc)}: {e})") from None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((cc, version, _cpu_flags(), platform.machine())).encode())
+    key = hashlib.sha256(src + repr((cc, version, FLAGS, _cpu_flags(),
+                                     platform.machine())).encode())
     out = cache_dir() / f"deepcd_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -91,7 +93,7 @@ def _build():
     try:
         errors = []
         for arch in (["-march=native"], []):
-            cmd = cc + ["-O3", *arch, "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+            cmd = cc + [*FLAGS, *arch, "-o", tmp, str(SOURCE)]
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if p.returncode == 0:
                 os.replace(tmp, out)

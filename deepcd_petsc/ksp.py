@@ -4,8 +4,8 @@
 
 The iteration (Kaneda et al., ICML 2023): d = f(r/‖r‖), A-orthogonalised
 against the last m directions, α = dᵀr/dᵀAd, x += αd, r −= αAd. All Krylov
-arithmetic is float64 PETSc Vec operations (global dot products), the
-network runs in its own dtype. A safeguard replaces a useless network
+arithmetic is float64 on the Vecs' memory (fused kernels, workspace.py;
+global dot products), the network runs in its own dtype. A safeguard replaces a useless network
 direction by the Jacobi-preconditioned residual so DCDM never stalls where
 CG converges.
 """
@@ -172,6 +172,7 @@ class DCDM(NetworkContext):
                     return
                 alpha = dr / dAd
                 rn_old, rn = rn, ws.step(alpha, xt, dt, rt, Adt)   # x += αd, r −= αAd
+                x.stateIncrease()    # monitors reading x see the new iterate
                 free.pop()
                 dirs.append((slot, dAd))
                 if len(dirs) > self.northo:
@@ -187,7 +188,8 @@ class DCDM(NetworkContext):
             minv, mt = ws.vecs[1], ws.rows[1]
             try:
                 A.getDiagonal(minv)
-                mt.reciprocal_()
+                # as VecReciprocal: zero entries stay zero
+                torch.where(mt != 0, mt.reciprocal(), torch.zeros_like(mt), out=mt)
                 if not ws.all_finite_nonzero(mt):
                     mt.fill_(1.0)
             except PETSc.Error:

@@ -346,7 +346,7 @@ class MGNet(nn.Module):
         D, H, W = geo["shape"]
         lib = self._fused_lib(geo, b)
         if lib is not None:
-            x = self._cycle_fused(geo, 0, b[0, 0], lib, torch.get_num_threads())
+            x = self._cycle_fused(geo, 0, b[0, 0].contiguous(), lib, torch.get_num_threads())
             y = x[None, None, :D, :H, :W]
             return y if reuse else y.clone()
         y = self._cycle(geo, 0, b)
@@ -374,7 +374,8 @@ class MGNet(nn.Module):
                 **{k: lv[k][0, 0].contiguous() for k in ("fluid", "diag", "dinv")},
                 "gates": [[g[0, i].contiguous() for i in range(g.shape[1])] for g in lv["gates"]],
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
-                "xp": torch.zeros(D + 2, H + 2, W + 2), "sp": torch.zeros(D + 2, H + 2, W + 2)}
+                "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device="cpu"),
+                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device="cpu")}
         return f
 
     @staticmethod
@@ -401,7 +402,9 @@ class MGNet(nn.Module):
         return xp[1:-1, 1:-1, 1:-1]
 
     def _cycle_fused(self, geo, l, b, lib, nt, whole=False):
-        """_cycle on (D, H, W) fields; returns a view of level l's x buffer."""
+        """_cycle on contiguous (D, H, W) float32 fields. Returns x as a view
+        of level l's buffer (of the whole level's, cut to the block, on a
+        gathered level), or a new tensor on a dense coarsest level."""
         lv = geo["levels"][l]
         if lv["gathered"] and not whole:
             b = geo["halo"].gather_level(b[None, None], l)[0, 0]
@@ -425,11 +428,10 @@ class MGNet(nn.Module):
             if coarse["gathered"] and not whole:
                 mask = geo["halo"].own_block(mask, l + 1)
             f["cmask"] = mask[0, 0].contiguous()
-            f["scale"] = float(self.coarse_scale[l])
-        cb = torch.empty(D // 2, H // 2, W // 2)
+        cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device="cpu")
         lib.deepcd_mg_restrict(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
                                f["fluid"].data_ptr(), f["cmask"].data_ptr(), cb.data_ptr(), nt)
         e = self._cycle_fused(geo, l + 1, cb, lib, nt, whole).contiguous()
-        lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), f["scale"], f["fluid"].data_ptr(),
-                              xp.data_ptr(), nt)
+        lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), float(self.coarse_scale[l]),
+                              f["fluid"].data_ptr(), xp.data_ptr(), nt)
         return self._smooth_fused(lib, nt, f, 1, b, halo, False)

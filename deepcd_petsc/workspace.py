@@ -29,7 +29,7 @@ class Workspace:
                              f"{np.dtype(PETSc.ScalarType)}")
         self.sizes = tuple(sizes)
         self.count = count
-        self.buf = torch.zeros((count, self.sizes[0]), dtype=torch.float64)
+        self.buf = torch.zeros((count, self.sizes[0]), dtype=torch.float64, device="cpu")
         self.rows = list(self.buf)
         self.vecs = [PETSc.Vec().createWithArray(row.numpy(), size=self.sizes,
                                                  bsize=bsize, comm=comm)
@@ -101,8 +101,9 @@ class Workspace:
 
 
 class VecView:
-    """A torch view of a user Vec's local array for the length of a `with`;
-    the Vec's state is bumped on exit, so PETSc drops cached norms."""
+    """A torch view of a user Vec's local array for the length of a `with`
+    (the writer bumps the Vec's state after each change, so PETSc drops
+    cached norms; once more on exit)."""
 
     def __init__(self, vec):
         self.vec = vec

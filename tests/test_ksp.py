@@ -589,6 +589,46 @@ def test_new_operator_rebuilds_the_derived_geometry(problems, solver):
         second = ctx.evaluator
         p2.A.copy(A)
         reason, its, res, _ = solve(ksp, p2)
-        assert ctx.evaluator is not second
+        third = ctx.evaluator
+        assert third is not second
         assert reason == "CONVERGED_RTOL" and its == fresh, (its, fresh)
+        # assembled anew with the same obstacles (values scaled): the
+        # network is kept, only the operator's state is noted
+        state = A.stateGet()
+        A.scale(2.0)
+        assert A.stateGet() != state
+        reason, its, res, _ = solve(ksp, p2, b=None)
+        assert ctx.evaluator is third and ctx.op_state[1] == A.stateGet()
         A.destroy()
+
+
+def test_monitor_sees_the_current_iterate(problems):
+    """x is updated through a torch view: its PETSc state is bumped every
+    iteration, so a monitor reading the solution's norm gets the iterate,
+    not a cached value."""
+    p = problems("smoke")
+    opts = dict(DCDM, ksp_rtol="1e-6")
+    with make_ksp(p.A, "mon_", opts, p.da, (p.flags, p.open_faces)) as ksp:
+        norms = []
+        ksp.setMonitor(lambda k, its, rn: norms.append(k.getSolution().norm()))
+        _, its, _, x = solve(ksp, p)
+        assert norms[0] == 0.0 and len(set(norms[1:])) == its, norms
+        assert norms[-1] == pytest.approx(x.norm(), rel=1e-12)
+        x.destroy()
+
+
+def test_jacobi_safeguard_keeps_zero_diagonal_entries():
+    """D⁻¹ as VecReciprocal makes it: a zero on the diagonal stays zero
+    rather than turning the whole safeguard into the plain residual."""
+    from deepcd_petsc.ksp import DCDM as DCDMContext
+    from deepcd_petsc.workspace import Workspace
+    A = PETSc.Mat().createAIJ((3, 3), nnz=1, comm=PETSc.COMM_SELF)
+    for i, v in enumerate((2.0, 0.0, 4.0)):
+        A.setValue(i, i, v)
+    A.assemble()
+    ws = Workspace((3, 3), 1, PETSc.COMM_SELF, 2)
+    ctx = DCDMContext()
+    ctx.minv = None
+    assert ctx._jacobi(A, ws).tolist() == [0.5, 0.0, 0.25]
+    ws.destroy()
+    A.destroy()

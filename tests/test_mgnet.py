@@ -257,3 +257,23 @@ def test_training_keeps_the_autograd_path():
         geo = net.prepare(flags, dirichlet_fraction(flags, faces))
     y = net(torch.randn(1, 1, 16, 16, 16), geo)
     assert y.requires_grad and "fused" not in geo["levels"][0]
+
+
+def test_fused_path_ignores_default_dtype_and_layout():
+    """The fused kernels' buffers are float32 whatever torch's default
+    dtype, and a non-contiguous input gives the contiguous result."""
+    net = MGNet()
+    flags, faces = make_flags("spheres", (16, 12, 20), 4)
+    geo = prepared(net, flags, faces, torch.float32)
+    r = torch.randn(20, 12, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = net(r.permute(2, 1, 0).contiguous()[None, None], geo)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            geo2 = prepared(net, flags, faces, torch.float32)
+            other = net(r.permute(2, 1, 0)[None, None], geo2)
+        finally:
+            torch.set_default_dtype(old)
+    assert "fused" in geo2["levels"][0] and other.dtype == torch.float32
+    assert torch.allclose(other, ref, rtol=0, atol=1e-6 * ref.abs().max())
