@@ -30,10 +30,12 @@ static int clamp_threads(int nt)
     return nt < 1 ? 1 : (nt > MAXT ? MAXT : nt);
 }
 
-/* out[j] = a·B[j], j < k, in one pass over a. */
-int deepcd_dots(long n, const double *a, int k, const double *const *B, double *out, int nt)
+/* Runs fn over [0, n) in blocks of BLOCK cells on nt threads; each thread
+ * accumulates k sums, added in thread order into out. */
+typedef void (*block_fn)(long i0, long i1, const void *ctx, double *acc);
+
+static void reduce_blocks(long n, int nt, int k, block_fn fn, const void *ctx, double *out)
 {
-    if (k > MAXK) return -1;
     nt = clamp_threads(nt);
     partial_t part[nt];
     int used = 1;
@@ -42,97 +44,101 @@ int deepcd_dots(long n, const double *a, int k, const double *const *B, double *
         int t = omp_get_thread_num();
 #pragma omp single
         used = omp_get_num_threads();
-        double s[MAXK] = {0};
+        double acc[MAXK] = {0};
 #pragma omp for schedule(static)
-        for (long i0 = 0; i0 < n; i0 += BLOCK) {
-            long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-            for (int j = 0; j < k; j++) {
-                const double *b = B[j];
-                double acc = 0.0;
-#pragma omp simd reduction(+:acc)
-                for (long i = i0; i < i1; i++) acc += a[i] * b[i];
-                s[j] += acc;
-            }
-        }
-        for (int j = 0; j < k; j++) part[t].v[j] = s[j];
+        for (long i0 = 0; i0 < n; i0 += BLOCK)
+            fn(i0, i0 + BLOCK < n ? i0 + BLOCK : n, ctx, acc);
+        for (int j = 0; j < k; j++) part[t].v[j] = acc[j];
     }
     add_partials(part, used, k, out);
+}
+
+/* out[j] = a·B[j], j < k, in one pass over a. */
+struct dots { const double *a; int k; const double *const *B; };
+
+static void dots_block(long i0, long i1, const void *ctx, double *acc)
+{
+    const struct dots *c = ctx;
+    for (int j = 0; j < c->k; j++) {
+        const double *a = c->a, *b = c->B[j];
+        double s = 0.0;
+#pragma omp simd reduction(+:s)
+        for (long i = i0; i < i1; i++) s += a[i] * b[i];
+        acc[j] += s;
+    }
+}
+
+int deepcd_dots(long n, const double *a, int k, const double *const *B, double *out, int nt)
+{
+    if (k > MAXK) return -1;
+    struct dots c = {a, k, B};
+    reduce_blocks(n, nt, k, dots_block, &c, out);
     return 0;
 }
 
 /* d -= sum_j c[j] P[j]; q -= sum_j c[j] Q[j]; then out = (d·r, d·q), all
  * in one pass (A-orthogonalising a direction and its image under A). */
+struct orth { int k; const double *c; const double *const *P, *const *Q; double *d, *q;
+              const double *r; };
+
+static void orth_block(long i0, long i1, const void *ctx, double *acc)
+{
+    const struct orth *o = ctx;
+    double *d = o->d, *q = o->q;
+    const double *r = o->r;
+    for (int j = 0; j < o->k; j++) {
+        const double *p = o->P[j], *pq = o->Q[j];
+        double cj = o->c[j];
+#pragma omp simd
+        for (long i = i0; i < i1; i++) {
+            d[i] -= cj * p[i];
+            q[i] -= cj * pq[i];
+        }
+    }
+    double a1 = 0.0, a2 = 0.0;
+#pragma omp simd reduction(+:a1, a2)
+    for (long i = i0; i < i1; i++) {
+        a1 += d[i] * r[i];
+        a2 += d[i] * q[i];
+    }
+    acc[0] += a1;
+    acc[1] += a2;
+}
+
 int deepcd_orth_update(long n, int k, const double *c, const double *const *P,
                        const double *const *Q, double *d, double *q, const double *r,
                        double *out, int nt)
 {
     if (k > MAXK) return -1;
-    nt = clamp_threads(nt);
-    partial_t part[nt];
-    int used = 1;
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num();
-#pragma omp single
-        used = omp_get_num_threads();
-        double dr = 0.0, dq = 0.0;
-#pragma omp for schedule(static)
-        for (long i0 = 0; i0 < n; i0 += BLOCK) {
-            long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-            for (int j = 0; j < k; j++) {
-                const double *p = P[j], *pq = Q[j];
-                double cj = c[j];
-#pragma omp simd
-                for (long i = i0; i < i1; i++) {
-                    d[i] -= cj * p[i];
-                    q[i] -= cj * pq[i];
-                }
-            }
-            double a1 = 0.0, a2 = 0.0;
-#pragma omp simd reduction(+:a1, a2)
-            for (long i = i0; i < i1; i++) {
-                a1 += d[i] * r[i];
-                a2 += d[i] * q[i];
-            }
-            dr += a1;
-            dq += a2;
-        }
-        part[t].v[0] = dr;
-        part[t].v[1] = dq;
-    }
-    add_partials(part, used, 2, out);
+    struct orth o = {k, c, P, Q, d, q, r};
+    reduce_blocks(n, nt, 2, orth_block, &o, out);
     return 0;
 }
 
 /* x += alpha d; r -= alpha q; out[0] = r·r (the new residual's square). */
+struct step { double alpha; double *x; const double *d; double *r; const double *q; };
+
+static void step_block(long i0, long i1, const void *ctx, double *acc)
+{
+    const struct step *s = ctx;
+    double alpha = s->alpha, *x = s->x, *r = s->r;
+    const double *d = s->d, *q = s->q;
+    double rr = 0.0;
+#pragma omp simd reduction(+:rr)
+    for (long i = i0; i < i1; i++) {
+        x[i] += alpha * d[i];
+        double ri = r[i] - alpha * q[i];
+        r[i] = ri;
+        rr += ri * ri;
+    }
+    acc[0] += rr;
+}
+
 int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
                 const double *q, double *out, int nt)
 {
-    nt = clamp_threads(nt);
-    partial_t part[nt];
-    int used = 1;
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num();
-#pragma omp single
-        used = omp_get_num_threads();
-        double rr = 0.0;
-#pragma omp for schedule(static)
-        for (long i0 = 0; i0 < n; i0 += BLOCK) {
-            long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-            double acc = 0.0;
-#pragma omp simd reduction(+:acc)
-            for (long i = i0; i < i1; i++) {
-                x[i] += alpha * d[i];
-                double ri = r[i] - alpha * q[i];
-                r[i] = ri;
-                acc += ri * ri;
-            }
-            rr += acc;
-        }
-        part[t].v[0] = rr;
-    }
-    add_partials(part, used, 1, out);
+    struct step s = {alpha, x, d, r, q};
+    reduce_blocks(n, nt, 1, step_block, &s, out);
     return 0;
 }
 
