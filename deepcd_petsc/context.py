@@ -34,6 +34,7 @@ class NetworkContext:
         self.geometry_source = None
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
+        self.torch_device = None
         self.derived = None        # (flags, dirichlet, decoupled rows) read off that operator
 
     # -- options ------------------------------------------------------------
@@ -78,40 +79,66 @@ class NetworkContext:
     def reset_network(self):
         if self.evaluator is not None:
             self.evaluator.destroy()
+        self.evaluator = None
+        self._free_rows()
+        self.setup_s = {}
+
+    def _free_rows(self):
         for v in (self.rows_dinv, self.work):
             if v is not None:
                 v.destroy()
-        self.evaluator = None
         self.rows_dinv = self.work = None
-        self.setup_s = {}
 
     def setup_network(self, obj, A):
         """Load the model and build the evaluator for A's geometry; again
         when A changed since (a new operator, or the same Mat assembled
         anew: time stepping with moving obstacles) and the geometry is
-        derived from it. PETSc does not call a Python KSP's setUp again
-        for a new operator of the same size, so solve() calls this too."""
-        state = (A.handle, A.stateGet())
-        if self.evaluator is not None:
-            if state == self.op_state or self.flags is not None:
-                return          # set_flags geometry does not follow A's values
-            if self._same_derived_geometry(obj, A):
-                self.op_state = state   # re-assembled, same obstacles: keep the network
-                return
-            self.reset_network()
-        import torch
+        derived from it, but only when that geometry differs. PETSc does
+        not call a Python KSP's setUp again for a new operator of the same
+        size, so solve() calls this too."""
         from .evaluator import NetworkEvaluator
-        from .model import DTYPES, ModelFileError, default_model_path, load_model
+        from .model import DTYPES
+        state = (A.handle, A.stateGet())
+        rebuild = self.evaluator is not None
+        if rebuild and (state == self.op_state or self.flags is not None):
+            return          # unchanged; set_flags geometry does not follow A's values
+        t0 = time.perf_counter()
+        if not rebuild:
+            self._load_model(obj, A)
+        t1 = time.perf_counter()
+        before = self.derived
+        da, own = self._grid(obj, A)
+        try:
+            self._free_rows()
+            flags, dirichlet = self._geometry(da, A)
+            t2 = time.perf_counter()
+            if rebuild:
+                if self._same_geometry(before, A):
+                    self.op_state = state   # re-assembled, same obstacles: keep the network
+                    return
+                self.evaluator.destroy()
+                self.evaluator = None
+            self.evaluator = NetworkEvaluator(self.net, da, flags, dirichlet,
+                                              DTYPES[self.dtype], self.torch_device)
+        finally:
+            if own:
+                da.destroy()
+        self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
+                        "evaluator": time.perf_counter() - t2}
+        self.op_state = state
+
+    def _load_model(self, obj, A):
+        import torch
         from .memory import tune_malloc
+        from .model import ModelFileError, default_model_path, load_model
         if self.threads:
             torch.set_num_threads(self.threads)
-        device = self._device(A.getComm())
-        if device == "cpu":
+        self.torch_device = self._device(A.getComm())
+        if self.torch_device == "cpu":
             tune_malloc()
         path = self.model_path or default_model_path()
-        t0 = time.perf_counter()
         try:
-            self.net, self.ckpt = load_model(path, self.dtype, device)
+            self.net, self.ckpt = load_model(path, self.dtype, self.torch_device)
         except ModelFileError as e:
             raise SetupError(f"-{self.option_prefix(obj)}model: {e}") from None
         self.model_path = path
@@ -120,19 +147,6 @@ class NetworkContext:
                 raise SetupError(f"-{self.option_prefix(obj)}levels: the model {path!r} "
                                  f"has a fixed depth (U-Net); the option is for V-cycle models")
             self.net.level_cap = self.levels
-        t1 = time.perf_counter()
-        da, own = self._grid(obj, A)
-        try:
-            flags, dirichlet = self._geometry(da, A)
-            t2 = time.perf_counter()
-            self.evaluator = NetworkEvaluator(self.net, da, flags, dirichlet,
-                                              DTYPES[self.dtype], device)
-        finally:
-            if own:
-                da.destroy()
-        self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
-                        "evaluator": time.perf_counter() - t2}
-        self.op_state = state
 
     def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the
@@ -236,28 +250,11 @@ class NetworkContext:
         self.derived = (flags, dirichlet, rows)
         return flags, dirichlet
 
-    def _same_derived_geometry(self, obj, A):
-        """Whether a changed operator still has the geometry the network was
-        built for (time stepping often re-assembles the same obstacles); if
-        so, only the diagonal scaling of kept Dirichlet rows is refreshed.
-        Collective: every rank gets the same answer."""
+    def _same_geometry(self, before, A):
+        """Whether the geometry just derived equals `before` on every rank."""
         from mpi4py import MPI
-        da, own = self._grid(obj, A)
-        try:
-            (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
-            new = geometry_from_operator(da, A, (ze - zs, ye - ys, xe - xs), with_rows=True)
-        finally:
-            if own:
-                da.destroy()
-        same = all(np.array_equal(a, b) for a, b in zip(new[:3], self.derived))
-        if not A.getComm().tompi4py().allreduce(same, op=MPI.LAND):
-            return False
-        for v in (self.rows_dinv, self.work):
-            if v is not None:
-                v.destroy()
-        self.rows_dinv = self.work = None
-        self._dirichlet_rows(A, new[2], new[3])
-        return True
+        same = all(np.array_equal(a, b) for a, b in zip(before, self.derived))
+        return A.getComm().tompi4py().allreduce(same, op=MPI.LAND)
 
     # -- view -------------------------------------------------------------------
     def view_network(self, viewer):

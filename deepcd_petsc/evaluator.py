@@ -18,6 +18,14 @@ from .halo import Decomposition, HaloExchange
 from .scenes import SOLID
 
 
+def _view(a):
+    """torch view of a NumPy array, read-only ones included (they are only
+    read; torch warns about them otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 def _tensor(a):
     return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32))
 
@@ -122,10 +130,7 @@ class NetworkEvaluator:
             if views is not None:
                 xa, ya = (v.view(self.local_shape) for v in views)
             else:
-                with warnings.catch_warnings():  # read-only view: we never write to it
-                    warnings.simplefilter("ignore", UserWarning)
-                    xa = torch.from_numpy(x.getArray(readonly=True).reshape(self.local_shape))
-                ya = None
+                xa, ya = _view(x.getArray(readonly=True).reshape(self.local_shape)), None
             r = xa.to(device=self.device, dtype=self.dtype, copy=True)
             out = self._run(r if scale == 1.0 else r.mul_(scale))
             with torch.inference_mode():
@@ -151,9 +156,7 @@ class NetworkEvaluator:
                     self._block = torch.zeros(self._block_shape(), dtype=self.dtype,
                                               device=self.device)
                 block = self._block
-                with warnings.catch_warnings():  # read-only input view: only read
-                    warnings.simplefilter("ignore", UserWarning)
-                    block[self.inner] = torch.from_numpy(xa)
+                block[self.inner] = _view(xa)
                 out = self._run(block if scale == 1.0 else block.mul_(scale))
                 torch.from_numpy(ya).copy_(out[self.inner])
 

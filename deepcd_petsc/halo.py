@@ -169,12 +169,12 @@ class HaloExchange:
                 else:            # send my high interior slab up, receive low ghosts
                     send[ax] = slice(n - 2 * w, n - w)
                     recv[ax] = slice(0, w)
-                # at the ends of the line of blocks only one direction moves
-                # slabs across the slowest axis are contiguous: sent and
-                # received in place, the others through a buffer
+                # slabs across the slowest axis are contiguous: received in
+                # place, the others through a buffer
                 rview = arr[tuple(recv)]
                 direct = rview.flags.c_contiguous
                 rbuf = rview if direct else np.empty_like(rview)
+                # at the ends of the line of blocks only one direction moves
                 if dst is None:
                     self.comm.Recv(rbuf, source=src)
                 elif src is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]     # then -march=native, or without
+MAXK = 16      # vectors per fused reduction (MAXK in kernels.c)
 _state = {"lib": None, "status": None}
 
 _d = ctypes.c_double

@@ -211,10 +211,10 @@ class DCDM(NetworkContext):
         # symmetric (PETSc's ex45: 8 iterations instead of 45). The last m
         # directions are mutually A-orthogonal, so classical Gram-Schmidt
         # (one global reduction) equals the modified one
-        c = ws.dots(Adt, [slot[1] for slot, _ in dirs]) if dirs else []
+        ps = [slot[1] for slot, _ in dirs]
+        c = ws.dots(Adt, ps) if dirs else []
         out = ws.orthogonalise([cj / pAp for cj, (_, pAp) in zip(c, dirs)],
-                               [slot[1] for slot, _ in dirs], [slot[3] for slot, _ in dirs],
-                               dt, Adt, rt)
+                               ps, [slot[3] for slot, _ in dirs], dt, Adt, rt)
         self.timing["matmult"] += t1 - t0
         self.timing["orthogonalise"] += time.perf_counter() - t1
         return out

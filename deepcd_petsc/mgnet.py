@@ -312,6 +312,22 @@ class MGNet(nn.Module):
             x = dx if x is None else (x.add_(dx) if fast else x + dx)
         return x
 
+    @staticmethod
+    def _dense_bottom(lv, b):
+        """The coarsest level's smoother as its precomputed matrix."""
+        m = lv["dense"]
+        return (m @ b.reshape(-1).to(m.dtype)).to(b.dtype).reshape(b.shape)
+
+    @staticmethod
+    def _coarse_mask(geo, l, whole):
+        """Level l+1's fluid mask as the restriction from level l needs it:
+        this rank's block of a gathered level, unless level l already runs
+        on the whole field."""
+        coarse = geo["levels"][l + 1]
+        if coarse["gathered"] and not whole:
+            return geo["halo"].own_block(coarse["fluid"], l + 1)
+        return coarse["fluid"]
+
     def _cycle(self, geo, l, b, whole=False):
         """x for level l's right-hand side b; `whole`: b is the whole level
         (gathered), computed without halos as on one process."""
@@ -322,16 +338,11 @@ class MGNet(nn.Module):
         halo = None if whole else geo["halo"]
         if l == geo["L"] - 1:
             if "dense" in lv and not torch.is_grad_enabled():
-                m = lv["dense"]
-                return (m @ b.reshape(-1).to(m.dtype)).to(b.dtype).reshape(b.shape)
+                return self._dense_bottom(lv, b)
             return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
-        coarse = geo["levels"][l + 1]
-        mask = coarse["fluid"]
-        if coarse["gathered"] and not whole:
-            mask = geo["halo"].own_block(mask, l + 1)
-        e = self._cycle(geo, l + 1, pool2(r) * mask, whole)
+        e = self._cycle(geo, l + 1, pool2(r) * self._coarse_mask(geo, l, whole), whole)
         x = x + self.coarse_scale[l].to(x.dtype) * F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
@@ -414,20 +425,15 @@ class MGNet(nn.Module):
         f = self._fields(lv)
         if l == geo["L"] - 1:
             if "dense" in lv:
-                m = lv["dense"]
-                return (m @ b.reshape(-1).to(m.dtype)).to(b.dtype).reshape(b.shape)
+                return self._dense_bottom(lv, b)
             return self._smooth_fused(lib, nt, f, 0, b.contiguous(), halo, True)
         D, H, W = b.shape
         xp = f["xp"]
         self._smooth_fused(lib, nt, f, 0, b, halo, True)
         if halo is not None:
             halo.fill(xp, 1)
-        coarse = geo["levels"][l + 1]
         if "cmask" not in f:
-            mask = coarse["fluid"]
-            if coarse["gathered"] and not whole:
-                mask = geo["halo"].own_block(mask, l + 1)
-            f["cmask"] = mask[0, 0].contiguous()
+            f["cmask"] = self._coarse_mask(geo, l, whole)[0, 0].contiguous()
         cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device="cpu")
         lib.deepcd_mg_restrict(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
                                f["fluid"].data_ptr(), f["cmask"].data_ptr(), cb.data_ptr(), nt)

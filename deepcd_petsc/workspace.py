@@ -50,7 +50,7 @@ class Workspace:
 
     def dots(self, a, bs):
         """[aᵀb for b in bs], global, in one pass and one reduction."""
-        if self.lib is not None and 0 < len(bs) <= 16:
+        if self.lib is not None and 0 < len(bs) <= kernels.MAXK:
             out = (ctypes.c_double * len(bs))()
             self.lib.deepcd_dots(a.numel(), a.data_ptr(), len(bs), pointers(bs), out,
                                  torch.get_num_threads())
@@ -63,7 +63,7 @@ class Workspace:
     def orthogonalise(self, c, ps, qs, d, q, r):
         """d −= Σ c_j p_j and q −= Σ c_j q_j (a direction and its image
         under A); returns the global (dᵀr, dᵀq) of the result."""
-        if self.lib is not None and len(ps) <= 16:
+        if self.lib is not None and len(ps) <= kernels.MAXK:
             out = (ctypes.c_double * 2)()
             self.lib.deepcd_orth_update(d.numel(), len(ps), (ctypes.c_double * len(c))(*c),
                                         pointers(ps), pointers(qs), d.data_ptr(),
