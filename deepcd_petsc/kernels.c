@@ -152,6 +152,24 @@ int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
  */
 #define ROW(p, z, y, H2, W2) ((p) + (((long)(z) + 1) * (H2) + (y) + 1) * (W2) + 1)
 
+/* b = fluid ∘ (scale·r) on level 0's (D, H, W) field: the float64 residual
+ * r, (d, h, w) in its corner (zero beyond: the padding to a multiple),
+ * cast on the way in, as torch's r.float().mul_(scale) * fluid does */
+void deepcd_mg_input(int d, int h, int w, int D, int H, int W, const double *r, float scale,
+                     const float *fluid, float *b, int nt)
+{
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            int n = z < d && y < h ? w : 0;
+            const double *ri = r + ((long)z * h + y) * w;
+#pragma omp simd
+            for (int x = 0; x < n; x++) b[u + x] = ((float)ri[x] * scale) * fluid[u + x];
+            for (int x = n; x < W; x++) b[u + x] = 0.0f;
+        }
+}
+
 /* s = dinv * b (the first smoothing step, from x = 0) */
 void deepcd_mg_first(int D, int H, int W, const float *b, const float *dinv, float *sp, int nt)
 {
@@ -210,6 +228,30 @@ void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const 
                 for (int x = 0; x < W; x++)
                     xo[x] += (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
                               + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+            }
+        }
+}
+
+/* out = x + g ∘ (w ∗ s) as float64 on the (d, h, w) corner: the last step
+ * of level 0's post-smoother writing the network's output straight into
+ * the caller's float64 array (the cast fused in; xp is left as it was) */
+void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, const float *g,
+                        const float *xp, int d, int h, int wd, double *out, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2;
+    float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6];
+    (void)D;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < d; z++)
+        for (int y = 0; y < h; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(sp, z, y, H2, W2), *xi = ROW(xp, z, y, H2, W2);
+            double *o = out + ((long)z * h + y) * wd;
+#pragma omp simd
+            for (int x = 0; x < wd; x++) {
+                float v = xi[x] + (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
+                                   + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+                o[x] = v;
             }
         }
 }

@@ -42,9 +42,11 @@ SIGNATURES = {
 }
 _v, _f = ctypes.c_void_p, ctypes.c_float
 MG_SIGNATURES = {
+    "deepcd_mg_input": [_int, _int, _int, _int, _int, _int, _v, _f, _v, _v, _int],
     "deepcd_mg_first": [_int, _int, _int, _v, _v, _v, _int],
     "deepcd_mg_resid": [_int, _int, _int, _v, _v, _v, _v, _int],
     "deepcd_mg_step": [_int, _int, _int, _v, _v, _v, _v, _int, _int],
+    "deepcd_mg_step_out": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int, _v, _int],
     "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
     "deepcd_mg_prolong": [_int, _int, _int, _v, _f, _v, _v, _int],
 }

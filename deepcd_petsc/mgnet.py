@@ -363,6 +363,32 @@ class MGNet(nn.Module):
         y = self._cycle(geo, 0, b)
         return y[..., :D, :H, :W]
 
+    def apply_into(self, r, out, geo, scale=1.0):
+        """out = f(scale·r) for float64 CPU arrays r and out (they may be
+        one) of the grid's (D, H, W) shape, or a corner of level 0's (a rank's
+        real cells in its padded block), through the fused kernels with the
+        dtype cast folded into the first and last passes: no float32 copy of
+        r or of the result. False, untouched, where this call cannot take
+        that path (the caller casts as usual)."""
+        lv = geo["levels"][0]
+        shape = lv["fluid"].shape[-3:]
+        if geo["L"] < 2 or r.dim() != 3 or r.shape != out.shape \
+                or any(a > b for a, b in zip(r.shape, shape)) \
+                or not all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
+                           for t in (r, out)):
+            return False
+        lib = self._fused_lib(geo, lv["fluid"])
+        if lib is None:
+            return False
+        nt = torch.get_num_threads()
+        f = self._fields(lv)
+        if "b" not in f:
+            f["b"] = torch.empty(tuple(shape), dtype=torch.float32, device="cpu")
+        lib.deepcd_mg_input(*r.shape, *shape, r.data_ptr(), float(scale), f["fluid"].data_ptr(),
+                            f["b"].data_ptr(), nt)
+        self._cycle_fused(geo, 0, f["b"], lib, nt, out=out)
+        return True
+
     # -- the same V-cycle through the fused C kernels (inference) -------------
     def _fused_lib(self, geo, b):
         """The kernel library when this call can use it: inference on the
@@ -390,13 +416,17 @@ class MGNet(nn.Module):
         return f
 
     @staticmethod
-    def _smooth_fused(lib, nt, f, k, b, halo, start):
+    def _smooth_fused(lib, nt, f, k, b, halo, start, out=None):
         """Smoother k (0 pre/bottom, 1 post) of a level on f["xp"], from
         x = 0 when `start`: per step one residual pass and one stencil pass,
-        with the halo filled in place before each."""
+        with the halo filled in place before each. `out`: a float64 array
+        the last step writes instead (level 0's corner of that shape)."""
         xp, sp = f["xp"], f["sp"]
         D, H, W = b.shape
         w = f["taps"][k]
+        last = len(f["gates"][k]) - 1
+        if out is not None and last < 0:
+            out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
             if first:
@@ -408,14 +438,21 @@ class MGNet(nn.Module):
                                     sp.data_ptr(), nt)
             if halo is not None:
                 halo.fill(sp, 1)
+            if out is not None and i == last and not first:
+                lib.deepcd_mg_step_out(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),
+                                       xp.data_ptr(), *out.shape, out.data_ptr(), nt)
+                return out
             lib.deepcd_mg_step(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),
                                xp.data_ptr(), int(first), nt)
+        if out is not None:
+            return out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         return xp[1:-1, 1:-1, 1:-1]
 
-    def _cycle_fused(self, geo, l, b, lib, nt, whole=False):
+    def _cycle_fused(self, geo, l, b, lib, nt, whole=False, out=None):
         """_cycle on contiguous (D, H, W) float32 fields. Returns x as a view
         of level l's buffer (of the whole level's, cut to the block, on a
-        gathered level), or a new tensor on a dense coarsest level."""
+        gathered level), or a new tensor on a dense coarsest level; with
+        `out` (level 0, not the coarsest), x written into it."""
         lv = geo["levels"][l]
         if lv["gathered"] and not whole:
             b = geo["halo"].gather_level(b[None, None], l)[0, 0]
@@ -440,4 +477,4 @@ class MGNet(nn.Module):
         e = self._cycle_fused(geo, l + 1, cb, lib, nt, whole).contiguous()
         lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), float(self.coarse_scale[l]),
                               f["fluid"].data_ptr(), xp.data_ptr(), nt)
-        return self._smooth_fused(lib, nt, f, 1, b, halo, False)
+        return self._smooth_fused(lib, nt, f, 1, b, halo, False, out)

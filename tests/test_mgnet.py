@@ -233,6 +233,31 @@ def test_fused_kernels_equal_torch_path(scene, shape, cap):
     assert 0 < plain.abs().max() and err < 1e-5, err
 
 
+@pytest.mark.parametrize("shape,scale,inplace", [((64, 64, 64), 1.0, False),
+                                                  ((33, 40, 29), 1e-3, False),
+                                                  ((33, 40, 29), 1.0, True)])
+def test_apply_into_equals_the_cast_path(shape, scale, inplace):
+    """The cast folded into the first and last fused passes (float64 in,
+    float64 out, no float32 copies) gives f(scale·r) of the usual path:
+    padded odd grids, a scale, input and output the same array."""
+    from deepcd_petsc.model import default_model_path
+    net, _ = load_model(default_model_path())
+    flags, faces = make_flags("liquid", shape, 3)
+    geo = prepared(net, flags, faces, torch.float32)
+    r = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = net((r.float() * scale)[None, None], geo)[0, 0].double()
+        out = r.clone() if inplace else torch.full(shape, float("nan"), dtype=torch.float64)
+        assert net.apply_into(out if inplace else r, out, geo, scale)
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert 0 < ref.abs().max() and err < 1e-6, err
+    # not taken (the caller casts): wrong dtype, a shape larger than the field
+    with torch.inference_mode():
+        assert not net.apply_into(r.float(), out.float(), geo)
+        big = torch.zeros(shape[0] + 64, *shape[1:], dtype=torch.float64)
+        assert not net.apply_into(big, big, geo)
+
+
 def test_fused_result_is_a_fresh_tensor_unless_reuse():
     net = MGNet()
     flags, faces = make_flags("spheres", (16, 16, 16), 1)
