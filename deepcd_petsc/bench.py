@@ -106,6 +106,10 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                                                            - t["matmult"]) / its * 1e3
                         res["overhead_pct"] = 100 * (t["total"] - t["forward"]
                                                      - t["matmult"]) / t["total"]
+                        # the same without the A-orthogonalisation: the x/r
+                        # update, norms and Python/PETSc glue
+                        res["glue_pct"] = 100 * (t["total"] - t["forward"] - t["matmult"]
+                                                 - t["orthogonalise"]) / t["total"]
                         res["fallbacks"] = ctx.fallbacks
                     ksp.destroy()
                     x.destroy()
@@ -118,6 +122,7 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                 if "breakdown_ms" in timed[-1]:
                     row["breakdown_ms"] = timed[-1]["breakdown_ms"]
                     row["overhead_pct"] = timed[-1]["overhead_pct"]
+                    row["glue_pct"] = timed[-1]["glue_pct"]
                 row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly,
                            total_s=row["setup_s"] + row["solve_s"],
                            per_it_ms=row["solve_s"] / max(row["iterations"], 1) * 1e3,

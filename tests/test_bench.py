@@ -35,7 +35,7 @@ def check_report(out, ranks, solvers, sizes=(8,), scenes=("smoke",)):
         assert len(r["history"]) == r["iterations"] + 1
         if r["solver"] == "dcdm":
             assert BREAKDOWN <= set(r["breakdown_ms"]), r["breakdown_ms"]
-            assert 0 < r["overhead_pct"] < 100
+            assert 0 < r["glue_pct"] < r["overhead_pct"] < 100
     md = (out / "bench.md").read_text()
     for v in solvers:
         assert re.search(rf"\| {re.escape(v)} +\|", md), (v, md)
