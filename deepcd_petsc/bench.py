@@ -106,8 +106,8 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                                                            - t["matmult"]) / its * 1e3
                         res["overhead_pct"] = 100 * (t["total"] - t["forward"]
                                                      - t["matmult"]) / t["total"]
-                        # the same without the A-orthogonalisation: the x/r
-                        # update, norms and Python/PETSc glue
+                        # the same without the A-orthogonalisation and its dot
+                        # products: the x/r update with ‖r‖, Python/PETSc glue
                         res["glue_pct"] = 100 * (t["total"] - t["forward"] - t["matmult"]
                                                  - t["orthogonalise"]) / t["total"]
                         res["fallbacks"] = ctx.fallbacks

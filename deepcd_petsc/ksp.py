@@ -87,8 +87,8 @@ class DCDM(NetworkContext):
             rest = over - t["orthogonalise"]      # the halo exchange is inside the forward pass
             viewer.printfASCII(f"  overhead (all but the network's forward pass and MatMult): "
                                f"{over / its * 1e3:.2f} ms = {100 * over / t['total']:.1f}%; "
-                               f"without the A-orthogonalisation "
-                               f"(x/r update, norms, Python/PETSc glue): "
+                               f"without the A-orthogonalisation and its dot products "
+                               f"(x/r update with ‖r‖, Python/PETSc glue): "
                                f"{rest / its * 1e3:.2f} ms = {100 * rest / t['total']:.1f}%\n")
         self.view_network(viewer)
 

@@ -425,8 +425,6 @@ class MGNet(nn.Module):
         D, H, W = b.shape
         w = f["taps"][k]
         last = len(f["gates"][k]) - 1
-        if out is not None and last < 0:
-            out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
             if first:

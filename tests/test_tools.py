@@ -22,14 +22,14 @@ def test_dcdm_split_reports_the_median_split():
     assert m, out
     total, parts = float(m[2]), [float(v) for v in m.groups()[2:]]
     assert 0 < int(m[1]) < 30 and all(v >= 0 for v in parts) and total > 0
-    o = re.search(r"overhead .*?median ([\d.]+)% .*without the A-orthogonalisation: ([\d.]+)%", out)
+    o = re.search(r"overhead .*?median ([\d.]+)% .*without the A-orthogonalisation and its dot products: ([\d.]+)%", out)
     assert o and 0 < float(o[2]) < float(o[1]) < 100, out
 
 
 def test_dcdm_split_refuses_too_few_solves():
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "dcdm_split.py"), "--solves", "2"],
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "dcdm_split.py"), "--solves", "3"],
                        capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
-    assert r.returncode != 0 and "--solves must be >= 3" in r.stderr
+    assert r.returncode != 0 and "--solves must be >= 4" in r.stderr
 
 
 def test_vector_traffic_times_every_m_hot_and_cold():
