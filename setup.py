@@ -14,6 +14,8 @@ setup(
     # PETSc/MPI of the machine (Debian packages, a cluster module, spack or
     # conda) and pip must never try to build its own.
     install_requires=["numpy", "scipy", "torch>=2.0", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest"]},
+    # triton: the GPU kernels (CUDA builds of torch bring it along); the
+    # tests run them through its interpreter
+    extras_require={"test": ["pytest", "triton"], "gpu": ["triton"]},
     entry_points={"console_scripts": ["deepcd = deepcd_petsc.cli:main"]},
 )

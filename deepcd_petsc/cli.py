@@ -211,6 +211,11 @@ def cmd_info(a, petsc_args):
                   ("torch threads", str(torch.get_num_threads())),
                   ("devices", ", ".join(dev)),
                   ("CPU kernels", kernels.status())]   # compiles them on first use
+        try:
+            import triton
+            lines.append(("GPU kernels", f"Triton {triton.__version__} (float32 networks on CUDA)"))
+        except ImportError:
+            lines.append(("GPU kernels", "Triton not installed: networks on CUDA run through torch"))
     except ImportError:
         lines.append(("torch", "not installed"))
     lines.append(("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "(unset)")))

@@ -282,6 +282,8 @@ class NetworkContext:
                 d = ev.dec
                 p(f"  distributed evaluation: {d.procs[0]}x{d.procs[1]}x{d.procs[2]} aligned blocks "
                   f"of the {'x'.join(map(str, d.padded))} padded grid on {d.active_ranks} rank(s)\n")
+            if getattr(ev, "geo", None) is not None and hasattr(self.net, "kernels_name"):
+                p(f"  network inference: {self.net.kernels_name(ev.geo)}\n")
             if ev.calls:
                 p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
                   + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"

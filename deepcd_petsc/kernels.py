@@ -139,3 +139,56 @@ def status():
 
 def pointers(tensors):
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+class CKernels:
+    """The V-cycle network's fused passes (kernels.c) on contiguous float32
+    CPU tensors: (D, H, W) fields, (D+2, H+2, W+2) zero-bordered x/s
+    buffers, a step's 7 taps as a tensor. triton_kernels.TritonKernels has
+    the same interface for GPUs. Threads: torch's count at each call."""
+    name = "C"
+
+    def __init__(self, lib):
+        import torch
+        self.lib = lib
+        self.nt = torch.get_num_threads
+
+    def input(self, r, scale, fluid, b):
+        self.lib.deepcd_mg_input(*r.shape, *b.shape, r.data_ptr(), float(scale), fluid.data_ptr(),
+                                 b.data_ptr(), self.nt())
+
+    def first(self, b, dinv, sp):
+        self.lib.deepcd_mg_first(*b.shape, b.data_ptr(), dinv.data_ptr(), sp.data_ptr(),
+                                 self.nt())
+
+    def resid(self, xp, b, dinv, sp):
+        self.lib.deepcd_mg_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
+                                 sp.data_ptr(), self.nt())
+
+    def step(self, sp, w, g, xp, first):
+        self.lib.deepcd_mg_step(*g.shape, sp.data_ptr(), w.data_ptr(), g.data_ptr(), xp.data_ptr(),
+                                int(first), self.nt())
+
+    def step_out(self, sp, w, g, xp, out):
+        self.lib.deepcd_mg_step_out(*g.shape, sp.data_ptr(), w.data_ptr(), g.data_ptr(),
+                                    xp.data_ptr(), *out.shape, out.data_ptr(),
+                                    self.nt())
+
+    def restrict(self, xp, b, diag, fluid, cmask, cb):
+        self.lib.deepcd_mg_restrict(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
+                                    fluid.data_ptr(), cmask.data_ptr(), cb.data_ptr(),
+                                    self.nt())
+
+    def prolong(self, e, scale, fluid, xp):
+        self.lib.deepcd_mg_prolong(*fluid.shape, e.data_ptr(), float(scale), fluid.data_ptr(),
+                                   xp.data_ptr(), self.nt())
+
+
+def vcycle_kernels():
+    """CKernels over the loaded library, or None (status() says why)."""
+    lib = load()
+    if lib is None:
+        return None
+    if _state.get("ckernels") is None:
+        _state["ckernels"] = CKernels(lib)
+    return _state["ckernels"]

@@ -24,6 +24,7 @@ most `max_levels`; the grid is padded (solid cells) to a multiple of
 decomposition's alignment, which is computed from the same rule.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -159,7 +160,8 @@ class MGNet(nn.Module):
         self.nu = nu
         self.coarse_its = coarse_its
         self.level_cap = None      # run-time cap (-ksp_dcdm_levels), not saved
-        self.fused = True          # inference through kernels.c when available
+        self.fused = True          # inference through kernels.c / Triton when available
+        self.triton_error = None   # why Triton failed on this GPU (then torch)
         self.pre = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.post = nn.ModuleList(Smoother(nu, gate_channels) for _ in range(max_levels - 1))
         self.bottom = Smoother(coarse_its, gate_channels)
@@ -355,11 +357,19 @@ class MGNet(nn.Module):
             r = F.pad(r, (0, pad[2], 0, pad[1], 0, pad[0]))
         b = r * geo["levels"][0]["fluid"]
         D, H, W = geo["shape"]
-        lib = self._fused_lib(geo, b)
-        if lib is not None:
-            x = self._cycle_fused(geo, 0, b[0, 0].contiguous(), lib, torch.get_num_threads())
-            y = x[None, None, :D, :H, :W]
-            return y if reuse else y.clone()
+        k = self._kernels(geo, b)
+        if k is not None:
+            try:
+                x = self._cycle_fused(geo, 0, b[0, 0].contiguous(), k)
+            except Exception as e:     # noqa: BLE001 (a GPU Triton cannot build for)
+                if k.name != "Triton" or self.fused == "triton":
+                    raise
+                self.triton_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"deepcd_petsc: Triton kernels failed ({self.triton_error}); "
+                              "the network runs through torch")
+            else:
+                y = x[None, None, :D, :H, :W]
+                return y if reuse else y.clone()
         y = self._cycle(geo, 0, b)
         return y[..., :D, :H, :W]
 
@@ -377,28 +387,43 @@ class MGNet(nn.Module):
                 or not all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
                            for t in (r, out)):
             return False
-        lib = self._fused_lib(geo, lv["fluid"])
-        if lib is None:
+        k = self._kernels(geo, lv["fluid"])
+        if k is None or lv["fluid"].device.type != "cpu":
             return False
-        nt = torch.get_num_threads()
         f = self._fields(lv)
         if "b" not in f:
             f["b"] = torch.empty(tuple(shape), dtype=torch.float32, device="cpu")
-        lib.deepcd_mg_input(*r.shape, *shape, r.data_ptr(), float(scale), f["fluid"].data_ptr(),
-                            f["b"].data_ptr(), nt)
-        self._cycle_fused(geo, 0, f["b"], lib, nt, out=out)
+        k.input(r, scale, f["fluid"], f["b"])
+        self._cycle_fused(geo, 0, f["b"], k, out=out)
         return True
 
-    # -- the same V-cycle through the fused C kernels (inference) -------------
-    def _fused_lib(self, geo, b):
-        """The kernel library when this call can use it: inference on the
-        CPU in float32, one field, not switched off (net.fused = False);
-        else None (the torch path)."""
-        if not self.fused or torch.is_grad_enabled() or b.device.type != "cpu" \
-                or b.dtype != torch.float32 or b.shape[:2] != (1, 1):
+    # -- the same V-cycle through fused kernels (inference) -------------------
+    def _kernels(self, geo, b):
+        """The fused kernels this call can use, else None (the torch path):
+        inference in float32, one field, not switched off (net.fused =
+        False); on the CPU kernels.c, on a GPU Triton's (one process per
+        field: no halo) where Triton is installed. net.fused = "triton"
+        forces Triton (on CPU tensors under TRITON_INTERPRET=1: tests)."""
+        if not self.fused or torch.is_grad_enabled() or b.dtype != torch.float32 \
+                or b.shape[:2] != (1, 1):
+            return None
+        if self.fused == "triton" or (b.device.type == "cuda" and geo["halo"] is None
+                                      and self.triton_error is None):
+            try:
+                from .triton_kernels import TritonKernels
+            except ImportError:
+                return None
+            return TritonKernels()
+        if b.device.type != "cpu":
             return None
         from . import kernels
-        return kernels.load()
+        return kernels.vcycle_kernels()
+
+    def kernels_name(self, geo):
+        """Which passes inference on this geometry runs through (-ksp_view)."""
+        with torch.inference_mode():
+            k = self._kernels(geo, geo["levels"][0]["fluid"])
+        return "torch" if k is None else f"fused {k.name} kernels"
 
     @staticmethod
     def _fields(lv):
@@ -407,46 +432,43 @@ class MGNet(nn.Module):
         f = lv.get("fused")
         if f is None:
             D, H, W = lv["fluid"].shape[-3:]
+            dev = lv["fluid"].device
             f = lv["fused"] = {
                 **{k: lv[k][0, 0].contiguous() for k in ("fluid", "diag", "dinv")},
                 "gates": [[g[0, i].contiguous() for i in range(g.shape[1])] for g in lv["gates"]],
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
-                "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device="cpu"),
-                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device="cpu")}
+                "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
+                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev)}
         return f
 
     @staticmethod
-    def _smooth_fused(lib, nt, f, k, b, halo, start, out=None):
+    def _smooth_fused(kern, f, k, b, halo, start, out=None):
         """Smoother k (0 pre/bottom, 1 post) of a level on f["xp"], from
         x = 0 when `start`: per step one residual pass and one stencil pass,
         with the halo filled in place before each. `out`: a float64 array
         the last step writes instead (level 0's corner of that shape)."""
         xp, sp = f["xp"], f["sp"]
-        D, H, W = b.shape
         w = f["taps"][k]
         last = len(f["gates"][k]) - 1
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
             if first:
-                lib.deepcd_mg_first(D, H, W, b.data_ptr(), f["dinv"].data_ptr(), sp.data_ptr(), nt)
+                kern.first(b, f["dinv"], sp)
             else:
                 if halo is not None:
                     halo.fill(xp, 1)
-                lib.deepcd_mg_resid(D, H, W, xp.data_ptr(), b.data_ptr(), f["dinv"].data_ptr(),
-                                    sp.data_ptr(), nt)
+                kern.resid(xp, b, f["dinv"], sp)
             if halo is not None:
                 halo.fill(sp, 1)
             if out is not None and i == last and not first:
-                lib.deepcd_mg_step_out(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),
-                                       xp.data_ptr(), *out.shape, out.data_ptr(), nt)
+                kern.step_out(sp, w[i], g, xp, out)
                 return out
-            lib.deepcd_mg_step(D, H, W, sp.data_ptr(), w[i].data_ptr(), g.data_ptr(),
-                               xp.data_ptr(), int(first), nt)
+            kern.step(sp, w[i], g, xp, first)
         if out is not None:
             return out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         return xp[1:-1, 1:-1, 1:-1]
 
-    def _cycle_fused(self, geo, l, b, lib, nt, whole=False, out=None):
+    def _cycle_fused(self, geo, l, b, kern, whole=False, out=None):
         """_cycle on contiguous (D, H, W) float32 fields. Returns x as a view
         of level l's buffer (of the whole level's, cut to the block, on a
         gathered level), or a new tensor on a dense coarsest level; with
@@ -454,25 +476,23 @@ class MGNet(nn.Module):
         lv = geo["levels"][l]
         if lv["gathered"] and not whole:
             b = geo["halo"].gather_level(b[None, None], l)[0, 0]
-            x = self._cycle_fused(geo, l, b, lib, nt, whole=True)
+            x = self._cycle_fused(geo, l, b, kern, whole=True)
             return geo["halo"].own_block(x, l)
         halo = None if whole else geo["halo"]
         f = self._fields(lv)
         if l == geo["L"] - 1:
             if "dense" in lv:
                 return self._dense_bottom(lv, b)
-            return self._smooth_fused(lib, nt, f, 0, b.contiguous(), halo, True)
+            return self._smooth_fused(kern, f, 0, b.contiguous(), halo, True)
         D, H, W = b.shape
         xp = f["xp"]
-        self._smooth_fused(lib, nt, f, 0, b, halo, True)
+        self._smooth_fused(kern, f, 0, b, halo, True)
         if halo is not None:
             halo.fill(xp, 1)
         if "cmask" not in f:
             f["cmask"] = self._coarse_mask(geo, l, whole)[0, 0].contiguous()
-        cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device="cpu")
-        lib.deepcd_mg_restrict(D, H, W, xp.data_ptr(), b.data_ptr(), f["diag"].data_ptr(),
-                               f["fluid"].data_ptr(), f["cmask"].data_ptr(), cb.data_ptr(), nt)
-        e = self._cycle_fused(geo, l + 1, cb, lib, nt, whole).contiguous()
-        lib.deepcd_mg_prolong(D, H, W, e.data_ptr(), float(self.coarse_scale[l]),
-                              f["fluid"].data_ptr(), xp.data_ptr(), nt)
-        return self._smooth_fused(lib, nt, f, 1, b, halo, False, out)
+        cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device=b.device)
+        kern.restrict(xp, b, f["diag"], f["fluid"], f["cmask"], cb)
+        e = self._cycle_fused(geo, l + 1, cb, kern, whole).contiguous()
+        kern.prolong(e, float(self.coarse_scale[l]), f["fluid"], xp)
+        return self._smooth_fused(kern, f, 1, b, halo, False, out)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Network and whole-solve timings with torch only (no PETSc), for a GPU
-machine: the network pass at each size and dtype, and DCDM vs CG on the
-same device with the matrix-free operator, in one run.
+machine: the network pass at each size and dtype (float32 through the
+fused kernels, Triton on a GPU, and through plain torch, with their
+difference), and DCDM vs CG on the same device with the matrix-free
+operator, in one run.
 
     python examples/gpu_bench.py --device cuda --sizes 128,256 --out $OUT/gpu.json
     python examples/gpu_bench.py --device cpu --sizes 32            # smoke test
@@ -70,7 +72,17 @@ def main():
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
                                       dtype=DTYPES[dt], device=dev)
                     r = (s.b / s.b.norm()).to(DTYPES[dt])[None, None]
-                    fwd, _ = timed(lambda: net(r, geo), dev, a.repeats)
+                    fwd, y = timed(lambda: net(r, geo), dev, a.repeats)
+                    if dt == "float32":
+                        # the fused kernels (Triton on a GPU, kernels.c on
+                        # the CPU) against the plain torch path, same device
+                        k = net._kernels(geo, r)
+                        net.fused = False
+                        plain, y0 = timed(lambda: net(r, geo), dev, a.repeats)
+                        net.fused = True
+                        row.update(kernels=k.name if k is not None and net.triton_error is None
+                                   else "torch", net_float32_torch_ms=plain * 1e3,
+                                   fused_vs_torch=((y - y0).abs().max() / y0.abs().max()).item())
                 row[f"net_{dt}_ms"] = fwd * 1e3
                 row[f"net_{dt}_stencils"] = fwd / stencil_s
                 if dt == "float32":
@@ -86,8 +98,8 @@ def main():
             row.update(cg_its=its, cg_s=time.perf_counter() - t)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    keys = ["scene", "n", "stencil_ms"] + [k for k in rows[0] if k.startswith("net_")] + \
-        ["dcdm_its", "dcdm_s", "cg_its", "cg_s"]
+    keys = ["scene", "n", "stencil_ms", "kernels"] + [k for k in rows[0] if k.startswith("net_")] + \
+        ["fused_vs_torch", "dcdm_its", "dcdm_s", "cg_its", "cg_s"]
     print(f"device: {name}, torch {torch.__version__}")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

@@ -75,6 +75,7 @@ def test_info():
     assert "PETSc" in r.stdout and "torch" in r.stdout
     assert "default model" in r.stdout and "V-cycle network" in r.stdout
     assert "CPU kernels" in r.stdout and "fused C kernels" in r.stdout, r.stdout
+    assert "GPU kernels      Triton" in r.stdout, r.stdout     # installed with the test extras
     assert "Traceback" not in r.stderr
 
 

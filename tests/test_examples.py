@@ -77,6 +77,9 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
     row = data["rows"][0]
-    for key in ("stencil_ms", "net_float32_ms", "net_bfloat16_ms", "dcdm_its", "cg_its"):
+    for key in ("stencil_ms", "net_float32_ms", "net_float32_torch_ms", "net_bfloat16_ms",
+                "dcdm_its", "cg_its"):
         assert key in row
     assert row["dcdm_final"] <= 1e-6 and data["device"] == "cpu"
+    # on the CPU the fused kernels are kernels.c, checked against plain torch
+    assert row["kernels"] == "C" and row["fused_vs_torch"] < 1e-5, row

@@ -235,7 +235,8 @@ def test_cli_monitor_reason_view():
                      r.stdout, re.M), r.stdout
     for text in ["deepcd_petsc.DCDM", default_model_path(), "parameters", "A-orthogonalised",
                  "fallback", "device cpu", "dtype float32", "2 A-orthogonalised",
-                 "Krylov vector work: fused C kernels", "overhead (all but"]:
+                 "Krylov vector work: fused C kernels", "overhead (all but",
+                 "network inference: fused C kernels"]:
         assert text in r.stdout, f"-ksp_view lacks {text!r}:\n{r.stdout}"
     over = re.search(r"overhead \(all but.*?= ([\d.]+)%; without the A-orthogonalisation and its dot "
                      r".*?= ([\d.]+)%", r.stdout)
