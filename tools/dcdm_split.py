@@ -47,9 +47,8 @@ def main():
                 rows.append({key: v / its * 1e3 for key, v in t.items()})
         keys = ["total", "forward", "matmult", "orthogonalise", "other"]
         med = {key: statistics.median(r[key] for r in rows) for key in keys}
-        over = [100 * (r["total"] - r["forward"] - r["matmult"]) / r["total"] for r in rows]
-        glue = [100 * (r["total"] - r["forward"] - r["matmult"] - r["orthogonalise"]) / r["total"]
-                for r in rows]
+        over = [100 * r["overhead"] / r["total"] for r in rows]
+        glue = [100 * r["glue"] / r["total"] for r in rows]
         q = statistics.quantiles(over, n=4)
         print(f"{a.scene} {a.n}³ seed {a.seed}, {its} iterations, median of {len(rows)} solves "
               f"(ms per iteration): " + ", ".join(f"{key} {med[key]:.3f}" for key in keys))
