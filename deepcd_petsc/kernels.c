@@ -205,13 +205,20 @@ void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const
         }
 }
 
-/* x (+)= g ∘ (w ∗ s): the learned 7-point stencil (centre, −z, +z, −y, +y,
- * −x, +x) times the fluid-masked gate; `first`: x starts from zero */
+/* g ∘ (w ∗ s) at cell x of a row of s: a smoothing step's update, the
+ * learned 7-point stencil (centre, −z, +z, −y, +y, −x, +x) times the gate */
+static inline float smooth_update(const float *c, int x, long P, long W2, const float *w, float g)
+{
+    return (c[x] * w[0] + w[1] * c[x - P] + w[2] * c[x + P] + w[3] * c[x - W2]
+            + w[4] * c[x + W2] + w[5] * c[x - 1] + w[6] * c[x + 1]) * g;
+}
+
+/* x (+)= g ∘ (w ∗ s) over a level (the gate carries the fluid mask);
+ * `first`: x starts from zero */
 void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const float *g,
                     float *xp, int first, int nt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
-    float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6];
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int z = 0; z < D; z++)
         for (int y = 0; y < H; y++) {
@@ -220,14 +227,10 @@ void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const 
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
 #pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] = (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
-                             + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+                for (int x = 0; x < W; x++) xo[x] = smooth_update(c, x, P, W2, w, g[u + x]);
             } else {
 #pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] += (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
-                              + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+                for (int x = 0; x < W; x++) xo[x] += smooth_update(c, x, P, W2, w, g[u + x]);
             }
         }
 }
@@ -239,7 +242,6 @@ void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, co
                         const float *xp, int d, int h, int wd, double *out, int nt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
-    float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6];
     (void)D;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int z = 0; z < d; z++)
@@ -249,8 +251,7 @@ void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, co
             double *o = out + ((long)z * h + y) * wd;
 #pragma omp simd
             for (int x = 0; x < wd; x++) {
-                float v = xi[x] + (c[x] * w0 + w1 * c[x - P] + w2 * c[x + P] + w3 * c[x - W2]
-                                   + w4 * c[x + W2] + w5 * c[x - 1] + w6 * c[x + 1]) * g[u + x];
+                float v = xi[x] + smooth_update(c, x, P, W2, w, g[u + x]);
                 o[x] = v;
             }
         }
