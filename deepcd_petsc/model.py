@@ -53,8 +53,30 @@ class Conv3d(nn.Conv3d):
             b = None if b is None else b.to(dtype)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
                 and torch.backends.mkldnn.is_available():
+            if x.dtype == torch.bfloat16 and not onednn_bf16():
+                # oneDNN's bf16 convolution needs AVX-512 (or AVX-NE-CONVERT):
+                # elsewhere the same bf16 operands in float32, which is what
+                # oneDNN accumulates in, then rounded back to bf16
+                f = [None if t is None else t.float() for t in (x, w, b)]
+                return torch.mkldnn_convolution(*f, pad, self.stride, self.dilation,
+                                                self.groups).to(torch.bfloat16)
             return torch.mkldnn_convolution(x, w, b, pad, self.stride, self.dilation, self.groups)
         return F.conv3d(x, w, b, self.stride, pad, self.dilation, self.groups)
+
+
+def onednn_bf16():
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (it refuses
+    without AVX-512 BW/VL/DQ or AVX-NE-CONVERT; ONEDNN_MAX_CPU_ISA=AVX2
+    makes any CPU answer no, which is how the tests force the fallback)."""
+    if _BF16["ok"] is None:
+        try:
+            _BF16["ok"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _BF16["ok"] = False
+    return _BF16["ok"]
+
+
+_BF16 = {"ok": None}
 
 
 def pool2(x):
