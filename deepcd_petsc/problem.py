@@ -4,7 +4,8 @@ import numpy as np
 
 from .errors import UserError
 from .layout import Layout
-from .scenes import AIR, FLUID, SOLID, load_npy, make_flags, padded
+from .coefficients import FAMILIES, family
+from .scenes import AIR, FLUID, SOLID, load_npy, make_flags, padded, remove_isolated_fluid
 
 # (axis in (k, j, i) order, step) for the six face neighbours
 NEIGHBOURS = ((0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1))
@@ -45,11 +46,13 @@ def _shift(a, axis, step):
     return a[tuple(sl)]
 
 
-def assemble_csr(pflags_local, box, layout):
+def assemble_csr(pflags_local, box, layout, trans=None, periodic=(False, False, False)):
     """Local rows of A as CSR (indptr, PETSc column indices, values).
 
-    Fluid row: diagonal = number of non-solid face neighbours, -1 per fluid
-    neighbour. Other rows: unit diagonal, decoupled.
+    Fluid row: diagonal = Σ T over non-solid face neighbours, −T per fluid
+    neighbour, T the face transmissibility (`trans` (6, zm, ym, xm) in
+    stencil.FACES order; 1 without: the unit operator). Other rows: unit
+    diagonal, decoupled. `periodic` (z, y, x): neighbours wrap.
     """
     (xs, xe), (ys, ye), (zs, ze) = box
     f = pflags_local[1:-1, 1:-1, 1:-1]
@@ -62,14 +65,18 @@ def assemble_csr(pflags_local, box, layout):
     mask = np.zeros((n, 7), bool)
     cols[:, 0] = layout.petsc_index(k, j, i).ravel()
     diag = np.zeros(f.shape)
+    sizes = layout.shape_xyz[::-1]
     for c, (axis, step) in enumerate(NEIGHBOURS, start=1):
         nb = _shift(pflags_local, axis, step)
-        diag += nb != SOLID
+        t = 1.0 if trans is None else trans[c - 1]
+        diag += (nb != SOLID) * t
         link = (fluid & (nb == FLUID)).ravel()
         idx = [k, j, i]
         idx[axis] = idx[axis] + step
+        if periodic[axis]:
+            idx[axis] = idx[axis] % sizes[axis]
         cols[link, c] = layout.petsc_index(*(a.ravel()[link] for a in idx))
-        vals[link, c] = -1.0
+        vals[link, c] = -(np.broadcast_to(t, f.shape).ravel()[link])
         mask[:, c] = link
     vals[:, 0] = np.where(fluid, diag, 1.0).ravel()
     mask[:, 0] = True
@@ -106,24 +113,32 @@ class Problem:
     """A scene's pressure system on a DMDA: `da`, `A`, `b` (PETSc objects)."""
 
     def __init__(self, flags, open_faces=(), comm=None, proc_sizes=None,
-                 seed=0, rhs_file=None):
+                 seed=0, rhs_file=None, coefficients=None):
         from petsc4py import PETSc
         self.flags = flags
         self.open_faces = set(open_faces)
+        self.coefficients = coefficients
+        self.periodic = coefficients.periodic if coefficients is not None else (False,) * 3
         nz, ny, nx = flags.shape
         self.shape = (nx, ny, nz)
         comm = comm or PETSc.COMM_WORLD
+        bt = PETSc.DM.BoundaryType
         self.da = PETSc.DMDA().create(
             dim=3, sizes=(nx, ny, nz), dof=1,
             proc_sizes=proc_sizes or (PETSc.DECIDE,) * 3,
-            boundary_type=(PETSc.DM.BoundaryType.NONE,) * 3,
+            boundary_type=tuple(bt.PERIODIC if p else bt.NONE for p in self.periodic[::-1]),
             stencil_type=PETSc.DMDA.StencilType.BOX, stencil_width=1,
             comm=comm, setup=False)
         self.da.setInterpolationType(PETSc.DMDA.InterpolationType.Q0)
         self.da.setUp()
         self.layout = Layout.from_da(self.da)
         self.box = tuple(tuple(r) for r in self.da.getRanges())
-        self.pflags = _local(padded(flags, self.open_faces), self.box)
+        pglobal = padded(flags, self.open_faces, self.periodic)
+        self.pflags = _local(pglobal, self.box)
+        self.trans = None
+        if coefficients is not None:
+            (xs, xe), (ys, ye), (zs, ze) = self.box
+            self.trans = coefficients.face_transmissibilities(pglobal)[:, zs:ze, ys:ye, xs:xe]
         self.A = self._assemble()
         self.nullspace = self._nullspace()
         if self.nullspace is not None:
@@ -134,6 +149,12 @@ class Problem:
     def from_scene(cls, scene, shape_xyz, seed=0, flags_file=None,
                    open_faces=None, **kw):
         nx, ny, nz = shape_xyz
+        if scene in FAMILIES:
+            flags, faces, coef = family(scene, (nz, ny, nx), seed, kw.pop("contrast", None))
+            if open_faces is not None:
+                faces = set(open_faces)
+            return cls(remove_isolated_fluid(flags, faces), faces, seed=seed, coefficients=coef, **kw)
+        kw.pop("contrast", None)
         flags, faces = make_flags(scene, (nz, ny, nx), seed, flags_file, open_faces)
         return cls(flags, faces, seed=seed, **kw)
 
@@ -144,7 +165,8 @@ class Problem:
 
     def _assemble(self):
         from petsc4py import PETSc
-        indptr, cols, vals = assemble_csr(self.pflags, self.box, self.layout)
+        indptr, cols, vals = assemble_csr(self.pflags, self.box, self.layout, self.trans,
+                                          self.periodic)
         nloc, N = len(indptr) - 1, int(np.prod(self.shape))
         A = PETSc.Mat().createAIJ(size=((nloc, N), (nloc, N)),
                                   csr=(indptr, cols, vals),

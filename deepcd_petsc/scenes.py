@@ -13,6 +13,8 @@ from .errors import UserError
 FLUID, SOLID, AIR = 0, 1, 2
 FACES = ("x-", "x+", "y-", "y+", "z-", "z+")
 SCENES = ("box", "smoke", "spheres", "liquid", "file")
+# operator families (coefficients.py): scenes with coefficients, not flags only
+FAMILY_SCENES = ("density", "perm", "aniso", "stretch", "periodic")
 
 
 def _centres(shape_zyx):
@@ -139,7 +141,7 @@ def parse_faces(text):
 def make_flags(scene, shape, seed=0, flags_file=None, open_faces=None):
     """(flags, open_faces) for a scene; `shape` is (nz, ny, nx)."""
     if scene not in SCENES:
-        raise UserError(f"unknown scene {scene!r}; choose one of {', '.join(SCENES)}")
+        raise UserError(f"unknown scene {scene!r}; choose one of {', '.join(SCENES + FAMILY_SCENES)}")
     if scene == "file" or flags_file is not None:
         if flags_file is None:
             raise UserError("scene 'file' needs --flags FILE.npy")
@@ -154,10 +156,15 @@ def make_flags(scene, shape, seed=0, flags_file=None, open_faces=None):
     return flags, faces
 
 
-def padded(flags, open_faces):
+def padded(flags, open_faces, periodic=(False, False, False)):
     """Flags with one layer of ghost cells: AIR beyond open faces, SOLID
-    beyond walls."""
+    beyond walls, the opposite side's cells on `periodic` (z, y, x) axes."""
     p = np.pad(flags, 1, constant_values=SOLID)
+    for axis in range(3):
+        if periodic[axis]:
+            p = np.moveaxis(p, axis, 0)
+            p[0], p[-1] = p[-2].copy(), p[1].copy()
+            p = np.moveaxis(p, 0, axis)
     for face in open_faces:
         axis = {"x": 2, "y": 1, "z": 0}[face[0]]
         idx = [slice(None)] * 3

@@ -1,0 +1,252 @@
+"""The 7-point stencil of an operator on a 3D DMDA: what the network reads.
+
+Per cell (this rank's block, (D, H, W) = (nz, ny, nx) local, x fastest):
+`diag` = A[i, i] and `coef[f]` = −A[i, nb_f(i)] for the six faces f in
+FACES order (z−, z+, y−, y+, x−, x+; the order of mgnet's taps). A cell's
+Dirichlet part is its diagonal excess diag − Σ_f coef[f]. Three sources:
+- an assembled AIJ matrix (any AIJ type, any DMDA split): its local rows;
+- matrix-free operators: 7 MatMults with the colouring (i + 2j + 3k) mod 7,
+  under which the seven cells of any 7-point stencil differ in colour, then
+  one MatMult with a random vector to check that A *is* 7-point;
+- cell flags (scenes): the unit-coefficient operator, for comparison.
+Why per row and not per face: a row only needs its own cells, so any split
+reads its block without communication, and nonsymmetric rows (PETSc's
+tutorials keep Dirichlet rows as identity) are represented as they are.
+"""
+import numpy as np
+
+from .errors import SetupError
+
+# (axis in (z, y, x) array order, step); the same order as mgnet._FACES
+FACES = ((0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1))
+FACE_NAMES = ("z-", "z+", "y-", "y+", "x-", "x+")
+NCOLOURS = 7
+
+
+class Stencil:
+    """diag (D, H, W) and coef (6, D, H, W), float64, of one rank's block."""
+
+    def __init__(self, diag, coef, periodic=(False, False, False)):
+        self.diag = np.ascontiguousarray(diag, dtype=np.float64)
+        self.coef = np.ascontiguousarray(coef, dtype=np.float64)
+        self.periodic = tuple(bool(p) for p in periodic)     # (z, y, x)
+        if self.coef.shape != (6,) + self.diag.shape:
+            raise ValueError(f"coef {self.coef.shape} does not match diag {self.diag.shape}")
+
+    @property
+    def shape(self):
+        return self.diag.shape
+
+    def active(self):
+        """Rows the network works on: coupled to some neighbour."""
+        return (self.coef != 0).any(0)
+
+    def coupled_to(self, mask_padded):
+        """Σ_f coef[f]·m(nb_f) for a one-cell-ghosted field m: helper for
+        tests and the Dirichlet part."""
+        out = np.zeros(self.shape)
+        for f, (axis, step) in enumerate(FACES):
+            out += self.coef[f] * _shift(mask_padded, axis, step)
+        return out
+
+    def apply(self, x_padded):
+        """A x on the block for a one-cell-ghosted x (NumPy)."""
+        inner = x_padded[1:-1, 1:-1, 1:-1]
+        return self.diag * inner - self.coupled_to(x_padded)
+
+    # -- comparisons ------------------------------------------------------
+    def unit_scale(self, flags):
+        """s when this stencil is s × the unit-coefficient operator that
+        `flags` describe on its fluid rows (then the compact flags path of
+        the network is exact), else None. Local answer."""
+        from .scenes import FLUID
+        fluid = np.asarray(flags) == FLUID
+        c = self.coef[:, fluid]
+        nz = c[c != 0]
+        if nz.size == 0:
+            return 1.0
+        s = float(nz.mean())
+        if np.abs(nz - s).max() > 1e-8 * s:
+            return None
+        return s
+
+
+def _shift(a, axis, step):
+    sl = [slice(1, -1)] * 3
+    sl[axis] = slice(1 + step, a.shape[axis] - 1 + step)
+    return a[tuple(sl)]
+
+
+def _neighbour_indices(da, local):
+    """PETSc global index of each face neighbour of every local cell
+    (6, n), −1 beyond a non-periodic boundary; and the cells' own indices."""
+    from .layout import Layout
+    layout = Layout.from_da(da)
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    nx, ny, nz = da.getSizes()
+    sizes = (nz, ny, nx)
+    periodic = periodic_axes(da)
+    k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
+                          indexing="ij", copy=False)
+    own = layout.petsc_index(k, j, i).ravel()
+    out = np.empty((6, own.size), np.int64)
+    for f, (axis, step) in enumerate(FACES):
+        idx = [k, j, i]
+        v = idx[axis] + step
+        n = sizes[axis]
+        outside = (v < 0) | (v >= n)
+        if periodic[axis]:
+            v = v % n
+            outside = np.zeros_like(outside)
+        idx[axis] = np.clip(v, 0, n - 1)
+        g = layout.petsc_index(*idx).ravel()
+        g[outside.ravel()] = -1
+        out[f] = g
+    return out, own
+
+
+def periodic_axes(da):
+    """(z, y, x) flags of the DMDA's periodic axes."""
+    from petsc4py import PETSc
+    bt = da.getBoundaryType()
+    per = tuple(b == PETSc.DM.BoundaryType.PERIODIC for b in bt)   # (x, y, z)
+    return per[::-1]
+
+
+def from_aij(da, A, local):
+    """The stencil of an assembled AIJ operator's local rows. SetupError,
+    naming a row and a column, when a row couples beyond the 7 points."""
+    n = int(np.prod(local))
+    ai, aj, av = A.getValuesCSR()
+    av = np.asarray(av).real
+    keep = av != 0
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(ai))[keep]
+    cols = np.asarray(aj, dtype=np.int64)[keep]
+    vals = av[keep]
+    nb, own = _neighbour_indices(da, local)
+    diag = np.zeros(n)
+    coef = np.zeros((6, n))
+    matched = cols == own[rows]
+    np.add.at(diag, rows[matched], vals[matched])
+    for f in range(6):
+        # periodic grids of 2 cells: both neighbours are one cell; that
+        # coupling goes to the first face only
+        hit = (cols == nb[f][rows]) & ~matched
+        np.add.at(coef[f], rows[hit], -vals[hit])
+        matched |= hit
+    if not matched.all():
+        bad = np.flatnonzero(~matched)[0]
+        lo, _ = A.getOwnershipRange()
+        raise SetupError(f"the operator is not a 7-point stencil on the DMDA: row {lo + rows[bad]} "
+                         f"couples to column {cols[bad]} (value {vals[bad]:.3g}); DCDM's network "
+                         "reads 7-point operators only")
+    return Stencil(diag.reshape(local), coef.reshape((6,) + tuple(local)), periodic_axes(da))
+
+
+def probe(da, A, local, check=True):
+    """The stencil of a matrix-free operator (any Mat with mult) from 7
+    MatMults with colour vectors, plus one random check. Exact for any
+    7-point operator, since neighbours never share a colour (a periodic
+    axis whose length is not a multiple of 7 can break that at the wrap:
+    those axes get an extra check)."""
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
+                          indexing="ij")
+    colour = (i + 2 * j + 3 * k) % NCOLOURS
+    nx, ny, nz = da.getSizes()
+    per = periodic_axes(da)
+    for axis, (n, mult) in enumerate(((nz, 3), (ny, 2), (nx, 1))):
+        if per[axis] and (n * mult) % NCOLOURS != 0:
+            raise SetupError(f"probing a matrix-free operator on a periodic DMDA needs the periodic "
+                             f"axis {'zyx'[axis]} length ({n}) to keep the colouring (i+2j+3k) mod 7 "
+                             "consistent across the wrap (a multiple of 7); assemble the operator "
+                             "(AIJ) or use deepcd_petsc.set_stencil instead")
+    x = da.createGlobalVec()
+    y = da.createGlobalVec()
+    diag = np.zeros(local)
+    coef = np.zeros((6,) + tuple(local))
+    try:
+        for c in range(NCOLOURS):
+            x.getArray()[...] = (colour == c).ravel().astype(float)
+            x.stateIncrease()
+            A.mult(x, y)
+            ya = y.getArray(readonly=True).reshape(local)
+            # the 7 cells of a stencil differ in colour, so y(p) is diag(p)
+            # where p has colour c, −coef_f(p) where nb_f(p) has it, else 0
+            own = colour == c
+            diag[own] = ya[own]
+            # y at cell p of colour c' responds to neighbour q (colour c):
+            # coef_f(p) = −y(p) where nb_f(p) has colour c
+            for f, (axis, step) in enumerate(FACES):
+                nbc = (colour + (step * (3, 2, 1)[axis])) % NCOLOURS
+                sel = nbc == c
+                coef[f][sel] = -ya[sel]
+        st = Stencil(diag, coef, per)
+        _zero_outside(st, da)
+        if check:
+            _check_probe(da, A, st, x, y, local)
+    finally:
+        x.destroy()
+        y.destroy()
+    return st
+
+
+def _zero_outside(st, da):
+    """Faces beyond a non-periodic boundary have no neighbour: the colour
+    read there is another cell's response, not a coupling."""
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    nx, ny, nz = da.getSizes()
+    starts, ends, sizes = (zs, ys, xs), (ze, ye, xe), (nz, ny, nx)
+    for f, (axis, step) in enumerate(FACES):
+        if st.periodic[axis]:
+            continue
+        idx = [slice(None)] * 3
+        if step < 0 and starts[axis] == 0:
+            idx[axis] = 0
+            st.coef[f][tuple(idx)] = 0.0
+        if step > 0 and ends[axis] == sizes[axis]:
+            idx[axis] = -1
+            st.coef[f][tuple(idx)] = 0.0
+
+
+def _check_probe(da, A, st, x, y, local):
+    """A x = stencil x for a random x, else the operator is not 7-point."""
+    rng = np.random.default_rng(12345 + da.getComm().getRank())
+    xa = rng.standard_normal(local)
+    x.getArray()[...] = xa.ravel()
+    x.stateIncrease()
+    A.mult(x, y)
+    ref = y.getArray(readonly=True).reshape(local)
+    gx = da.createLocalVec()
+    da.globalToLocal(x, gx)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    g = gx.getArray(readonly=True).reshape(gzm, gym, gxm)
+    g = np.pad(g, 1)
+    sl = tuple(slice(o, o + n + 2) for o, n in
+               zip((zs - gzs, ys - gys, xs - gxs), local))
+    mine = st.apply(g[sl])
+    gx.destroy()
+    from mpi4py import MPI
+    comm = da.getComm().tompi4py()
+    err = comm.allreduce(float(np.abs(mine - ref).max(initial=0.0)), op=MPI.MAX)
+    scale = comm.allreduce(float(np.abs(ref).max(initial=0.0)), op=MPI.MAX)
+    if err > 1e-8 * max(scale, 1e-300):
+        raise SetupError(f"the matrix-free operator is not a 7-point stencil on the DMDA "
+                         f"(probing misses {err / max(scale, 1e-300):.2e} of A x for a random x); "
+                         "DCDM's network reads 7-point operators only")
+
+
+def from_flags(flags_local, pflags_local):
+    """The unit-coefficient operator of a scene's block: fluid rows couple
+    1 to fluid neighbours and count every non-solid neighbour in the
+    diagonal. `pflags_local`: the block with one ghost layer."""
+    from .scenes import FLUID, SOLID
+    fluid = np.asarray(flags_local) == FLUID
+    diag = np.zeros(fluid.shape)
+    coef = np.zeros((6,) + fluid.shape)
+    for f, (axis, step) in enumerate(FACES):
+        nb = _shift(pflags_local, axis, step)
+        diag += fluid & (nb != SOLID)
+        coef[f] = fluid & (nb == FLUID)
+    return Stencil(np.where(fluid, diag, 1.0), coef)
