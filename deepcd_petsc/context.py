@@ -35,7 +35,9 @@ class NetworkContext:
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
         self.torch_device = None
-        self.derived = None        # (flags, dirichlet, decoupled rows) read off that operator
+        self.derived = None        # (flags, dirichlet, decoupled rows, stencil) read off that operator
+        self.stencil = None        # (7, zm, ym, xm) diag + couplings when the network reads them
+        self.operator_path = None  # what the network's levels apply (-ksp_view)
 
     # -- options ------------------------------------------------------------
     def option_prefix(self, obj):
@@ -119,7 +121,8 @@ class NetworkContext:
                 self.evaluator.destroy()
                 self.evaluator = None
             self.evaluator = NetworkEvaluator(self.net, da, flags, dirichlet,
-                                              DTYPES[self.dtype], self.torch_device)
+                                              DTYPES[self.dtype], self.torch_device,
+                                              stencil_local=self.stencil)
         finally:
             if own:
                 da.destroy()
@@ -244,11 +247,41 @@ class NetworkContext:
                                f"(nz, ny, nx) = {(nz, ny, nx)}")
         self.geometry_source = "derived from the operator"
         flags, dirichlet, rows, scale = geometry_from_operator(da, A, local, with_rows=True)
+        flags = self._operator_stencil(da, A, local, flags)
+        if self.stencil is not None:
+            scale = (1.0, 1)   # the network applies A's own scale
         self._dirichlet_rows(A, rows, scale)
         if self.rows_dinv is not None:
             self.geometry_source += ", with Dirichlet rows (solved by their diagonal)"
-        self.derived = (flags, dirichlet, rows)
+        self.derived = (flags, dirichlet, rows,
+                        self.stencil if self.stencil is not None else np.zeros(0))
         return flags, dirichlet
+
+    def _operator_stencil(self, da, A, local, flags):
+        """Read A's 7-point stencil (AIJ rows, or probing a matrix-free A)
+        and keep it for the network (self.stencil) unless A is a multiple
+        of the unit operator of its flags on every rank: that operator
+        the compact flags path (fused kernels) applies exactly. Returns the
+        flags to use (a probed operator's active rows)."""
+        from . import stencil
+        comm = A.getComm().tompi4py()
+        self.stencil = None
+        if A.getType().endswith("aij"):
+            st = stencil.from_aij(da, A, local)
+            s = st.unit_scale(flags)
+            scales = comm.allgather(s)
+            if all(v is not None for v in scales) and \
+                    max(scales) - min(scales) <= 1e-8 * max(abs(v) for v in scales):
+                self.operator_path = "unit 7-point operator of the cell flags (scaled)"
+                return flags
+            self.operator_path = "the operator's 7-point coefficients (AIJ), Galerkin coarse levels"
+        else:
+            st = stencil.probe(da, A, local)
+            flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
+            self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
+                                  "Galerkin coarse levels")
+        self.stencil = np.concatenate([st.diag[None], st.coef], 0)
+        return flags
 
     def _same_geometry(self, before, A):
         """Whether the geometry just derived equals `before` on every rank."""
@@ -274,6 +307,8 @@ class NetworkContext:
         import torch
         p(f"  device {self.device}, dtype {self.dtype}, torch threads {torch.get_num_threads()}\n")
         p(f"  grid: {self.grid_source}; geometry: {self.geometry_source}\n")
+        if self.operator_path:
+            p(f"  network levels apply: {self.operator_path}\n")
         if self.setup_s:
             p("  set-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.setup_s.items()) + "\n")
         ev = self.evaluator

@@ -35,7 +35,8 @@ class NetworkEvaluator:
     """y = f(x) for DMDA-layout Vecs. `flags_local`: this rank's (zm, ym, xm)
     block of cell flags in the user's DMDA layout."""
 
-    def __init__(self, net, da, flags_local, dirichlet_local=None, dtype=torch.float32, device="cpu"):
+    def __init__(self, net, da, flags_local, dirichlet_local=None, dtype=torch.float32, device="cpu",
+                 stencil_local=None):
         from petsc4py import PETSc
         self.net, self.dtype, self.device = net, dtype, torch.device(device)
         self.comm = da.getComm()
@@ -55,7 +56,7 @@ class NetworkEvaluator:
             flags = torch.as_tensor(np.ascontiguousarray(flags_local, dtype=np.int8))
             with torch.inference_mode():
                 self.geo = net.prepare(flags, _tensor(dirichlet_local), dtype=dtype,
-                                       device=self.device)
+                                       device=self.device, **self._stencil_kw(stencil_local))
             return
         from .layout import Layout
         mpicomm = self.comm.tompi4py()
@@ -84,10 +85,16 @@ class NetworkEvaluator:
         self.inner = inner = tuple(slice(0, s) for s in self.real_shape)
         block = np.full(self._block_shape(), SOLID, np.int8)
         dblock = np.zeros(self._block_shape()) if dirichlet_local is not None else None
-        for field, out in ((flags_local, block), (dirichlet_local, dblock)):
+        fields = [(flags_local, block), (dirichlet_local, dblock)]
+        sblock = None
+        if stencil_local is not None:
+            sblock = np.zeros((7,) + self._block_shape())
+            fields += [(stencil_local[c], sblock[c]) for c in range(7)]
+        for field, out in fields:
             if field is None:
                 continue
-            user.getArray().reshape(self.local_shape)[...] = field
+            with user as ua:
+                ua.reshape(self.local_shape)[...] = field
             self._to_blocks(user)
             out[inner] = self.work.getArray(readonly=True).reshape(self.real_shape)
         user.destroy()
@@ -96,7 +103,20 @@ class NetworkEvaluator:
         if self.dec.active:
             with torch.inference_mode():
                 self.geo = self.net.prepare(torch.as_tensor(block), _tensor(dblock), dtype=dtype,
-                                            device=self.device, halo=self.halo)
+                                            device=self.device, halo=self.halo,
+                                            **self._stencil_kw(sblock))
+
+    def _stencil_kw(self, st):
+        """prepare()'s stencil argument: only networks that read operators
+        (MGNet) take one."""
+        if st is None:
+            return {}
+        from .mgnet import MGNet
+        if not isinstance(self.net, MGNet):
+            from .errors import SetupError
+            raise SetupError("this model (a U-Net) reads cell flags only; operators with "
+                             "coefficients need a V-cycle model")
+        return {"stencil": torch.as_tensor(np.ascontiguousarray(st, dtype=np.float64))}
 
     def _block_shape(self):
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block

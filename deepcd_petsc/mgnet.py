@@ -87,6 +87,48 @@ def neighbour_sum(x, halo=None):
     return out
 
 
+def coupled_sum(x, coef, halo=None):
+    """Σ_f coef_f · x(nb_f): the off-diagonal part of a stencil operator,
+    coef (N, 6, D, H, W) in _FACES order."""
+    p = _padded(x, halo)
+    out = None
+    for f, (axis, step) in enumerate(_FACES):
+        s = _shifted(p, axis, step)
+        c = coef[:, f:f + 1]
+        out = s * c if out is None else out.addcmul_(s, c)
+    return out
+
+
+def _children(x):
+    """(N, C, D/2, 2, H/2, 2, W/2, 2) view of the 2×2×2 children."""
+    n, c, d, h, w = x.shape
+    return x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2)
+
+
+# a coarse face sums the 2×2 fine faces across it; Galerkin coarsening
+# scales a 7-point operator by this factor per level (2^(dim−1)), which the
+# network's per-level weights assume away: the coarse stencil is divided by it
+GALERKIN_FACTOR = 4.0
+
+
+def galerkin_coarsen(diag, coef, active):
+    """PᵀAP / GALERKIN_FACTOR for piecewise-constant aggregation of 2×2×2
+    cells: a coarse face coupling sums the fine couplings across that face,
+    a coarse diagonal the children's diagonals minus the couplings between
+    children. diag (N, 1, ...) and coef (N, 6, ...) of active rows only."""
+    d = _children(diag * active).sum(dim=(3, 5, 7))
+    cf = _children(coef)
+    out = []
+    for f, (axis, step) in enumerate(_FACES):
+        dim = {-3: 3, -2: 5, -1: 7}[axis]
+        outer = cf[:, f:f + 1].select(dim, 1 if step > 0 else 0)
+        inner = cf[:, f:f + 1].select(dim, 0 if step > 0 else 1)
+        rest = tuple(x - (1 if x > dim else 0) for x in (3, 5, 7) if x != dim)
+        out.append(outer.sum(dim=rest))
+        d = d - inner.sum(dim=rest)
+    return d / GALERKIN_FACTOR, torch.cat(out, 1) / GALERKIN_FACTOR
+
+
 def levels_for(shape, max_levels, coarsest):
     """Levels for a grid: halve until the smallest dimension would drop
     below `coarsest` cells."""
@@ -217,11 +259,15 @@ class MGNet(nn.Module):
                 f"{self.nu}+{self.nu} smoothing steps, {self.coarse_its} on the coarsest level")
 
     # -- geometry ------------------------------------------------------------
-    def prepare(self, flags, dirichlet=None, dtype=torch.float32, device=None, halo=None):
+    def prepare(self, flags, dirichlet=None, dtype=torch.float32, device=None, halo=None,
+                stencil=None):
         """Per-geometry tensors for every level: fluid mask, inverse diagonal
         of the level's operator, learned gates. `flags` int (D, H, W);
         `dirichlet` the dirichlet_fraction field (None: no open boundary).
-        With `halo`, one rank's block of the aligned padded grid."""
+        With `halo`, one rank's block of the aligned padded grid.
+        `stencil` (7, D, H, W): the operator's diagonal and six couplings
+        (stencil.Stencil); then every level applies that operator and its
+        Galerkin coarsenings instead of the unit operator of the flags."""
         flags = torch.as_tensor(flags).to(device=device)
         if flags.dim() == 3:
             flags = flags[None, None]
@@ -255,50 +301,107 @@ class MGNet(nn.Module):
         levels = []
         g = None if halo is None else gather_level(
             [math.prod(halo.level_shape(l)) for l in range(L)])
+        sd = sc = None
+        if stencil is not None:
+            st = torch.as_tensor(stencil).to(device=device, dtype=torch.float64)
+            st = F.pad(st.reshape((1, 7) + st.shape[-3:]), (0, pad[2], 0, pad[1], 0, pad[0]))
+            sd = st[:, :1] * fl.double()
+            # couplings to inactive cells act as Dirichlet: x is 0 there
+            nb = _padded(fl.double(), halo)
+            sc = torch.cat([st[:, 1 + f:2 + f] * _shifted(nb, a, k) for f, (a, k) in enumerate(_FACES)],
+                           1) * fl.double()
         for l in range(L):
             if l > 0:
-                # a coarse cell is air if any child is, else fluid if any child is
-                air = F.max_pool3d(air, 2)
-                fl = F.max_pool3d(fl, 2) * (1 - air)
-                open_ = F.max_pool3d(open_, 2) * fl
+                if sd is not None:
+                    sd, sc = galerkin_coarsen(sd, sc, fl.double())
+                    fl = F.max_pool3d(fl, 2)
+                    air = F.max_pool3d(air, 2) * (1 - fl)
+                else:
+                    # a coarse cell is air if any child is, else fluid if any child is
+                    air = F.max_pool3d(air, 2)
+                    fl = F.max_pool3d(fl, 2) * (1 - air)
+                    open_ = F.max_pool3d(open_, 2) * fl
             lh = halo
             if g is not None and l >= g:
                 # from level g on the whole level on every rank, as serially
                 if l == g:
                     fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
+                    if sd is not None:
+                        sd, sc = (halo.gather_level(t, l) for t in (sd, sc))
                 lh = None
-            diag = (neighbour_sum(fl + air, lh) + open_) * fl
-            diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
-            geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
+            lv = {}
+            if sd is not None:
+                diag = torch.where(fl > 0, sd.float(), torch.ones_like(fl))
+                cmax = sc.amax(1, keepdim=True).float()
+                # scale-free: diag over 6 × the strongest coupling (diag/6
+                # on the unit operator, which the gates were trained on)
+                feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
+                                   torch.ones_like(diag)) * fl
+                lv["coef"] = sc.to(dtype)
+                lv["diag64"] = sd
+                geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
+            else:
+                diag = (neighbour_sum(fl + air, lh) + open_) * fl
+                diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
+                geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
-            levels.append({
+            lv.update({
                 "gathered": lh is None and halo is not None,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
                 "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
+            lv.pop("diag64", None)
+            levels.append(lv)
         geo = {"shape": shape, "pad": pad, "levels": levels, "halo": halo, "L": L}
         bottom = levels[-1]
         cells = math.prod(bottom["fluid"].shape[-3:])
         if (halo is None or bottom["gathered"]) and cells <= DENSE_CELLS \
                 and bottom["fluid"].shape[0] == 1 and not torch.is_grad_enabled():
-            bottom["dense"] = self._bottom_matrix(bottom)
+            bottom["dense"] = (self._bottom_inverse(bottom) if "coef" in bottom
+                               else self._bottom_matrix(bottom))
         return geo
+
+    def _bottom_inverse(self, lv):
+        """The coarsest operator's pseudo-inverse (float64): with
+        coefficients, a few smoothing steps leave the low modes of jumps
+        and anisotropy unsolved, and this level is tiny."""
+        shape = lv["fluid"].shape[-3:]
+        n = math.prod(shape)
+        f64 = {k: lv[k].double() for k in ("fluid", "diag", "coef")}
+        eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
+        a = self._apply_A(f64, eye, None).reshape(n, n).t()
+        keep = f64["fluid"].reshape(-1) > 0
+        a = a[keep][:, keep]
+        # per-row scaling first: coefficients may span many decades
+        d = a.diagonal().clamp(min=1e-300).rsqrt()
+        inv = torch.linalg.pinv(d[:, None] * a * d[None, :], hermitian=True, rtol=1e-10)
+        out = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+        idx = keep.nonzero().reshape(-1)
+        out[idx[:, None], idx[None, :]] = d[:, None] * inv * d[None, :]
+        return out
 
     def _bottom_matrix(self, lv):
         """M with bottom-smoother(b) = M b on the whole coarsest level: the
         smoother applied to every unit vector (computed in float64)."""
         shape = lv["fluid"].shape[-3:]
         n = math.prod(shape)
-        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv")}
+        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv", "coef") if k in lv}
         eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
         cols = self._smooth(self.bottom, lv["gates"][0].double(), f64, eye, None, None, lv["taps"][0])
         return cols.reshape(n, n).t().contiguous()
 
     # -- the V-cycle ---------------------------------------------------------
     @staticmethod
-    def _apply_A(lv, x, halo):
-        return lv["fluid"] * (lv["diag"] * x - neighbour_sum(x, halo))
+    def _offdiag(lv, x, halo):
+        """Σ_f c_f x(nb_f) of the level's operator (unit couplings, or the
+        stencil's coefficients)."""
+        if "coef" in lv:
+            return coupled_sum(x, lv["coef"], halo)
+        return neighbour_sum(x, halo)
+
+    def _apply_A(self, lv, x, halo):
+        return lv["fluid"] * (lv["diag"] * x - self._offdiag(lv, x, halo))
 
     def _smooth(self, sm, gate, lv, b, x, halo, taps=None):
         fast = not torch.is_grad_enabled()
@@ -307,7 +410,7 @@ class MGNet(nn.Module):
                 s = lv["dinv"] * b
             elif fast:
                 # D⁻¹(b − A x) in place; the fluid mask is in D⁻¹
-                s = neighbour_sum(x, halo).addcmul_(lv["diag"], x, value=-1).add_(b).mul_(lv["dinv"])
+                s = self._offdiag(lv, x, halo).addcmul_(lv["diag"], x, value=-1).add_(b).mul_(lv["dinv"])
             else:
                 s = lv["dinv"] * (b - self._apply_A(lv, x, halo))
             dx = sm.step(i, s, gate, halo, taps if fast else None)
@@ -405,7 +508,7 @@ class MGNet(nn.Module):
         field: no halo) where Triton is installed. net.fused = "triton"
         forces Triton (on CPU tensors under TRITON_INTERPRET=1: tests)."""
         if not self.fused or torch.is_grad_enabled() or b.dtype != torch.float32 \
-                or b.shape[:2] != (1, 1):
+                or b.shape[:2] != (1, 1) or "coef" in geo["levels"][0]:
             return None
         if self.fused == "triton" or (b.device.type == "cuda" and geo["halo"] is None
                                       and self.triton_error is None):
