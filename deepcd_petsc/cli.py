@@ -1,9 +1,10 @@
-"""`deepcd` command line: solve | info (train, evaluate, bench come with
-their issues). Our options are --long; every -single-dash token goes to
+"""`deepcd` command line: solve | info | kernels (train, evaluate, bench
+come with their issues). Our options are --long; every -single-dash token goes to
 PETSc's options database unchanged."""
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -59,6 +60,14 @@ def build_parser():
                    help="solve N times with the same KSP (as time stepping does); report the median")
     s.add_argument("--save-solution", help="write the solution as .npy (nz, ny, nx) from rank 0")
     sub.add_parser("info", help="versions, threads and devices")
+    k = sub.add_parser("kernels", help="the CPU kernels: which file is loaded and whether it is "
+                                       "trusted, or install a shared copy",
+                       description="Without options: the kernel cache, whether it and this "
+                                   "node's library are trusted, and what is loaded.")
+    k.add_argument("--install", metavar="DIR",
+                   help="build (or take the trusted cached) library for this node's CPU and "
+                        "compiler, copy it with its .sha256 record into DIR (0644, DIR 0755), "
+                        "check DIR is trusted and print the DEEPCD_KERNEL_DIR line")
     t = sub.add_parser("train", help="train a DCDM network (unsupervised, Lanczos Ritz data)")
     t.add_argument("--out", required=True, help="checkpoint to write (.pt); also writes .png loss plot and .md card")
     t.add_argument("--n", default="32", help="training grid size(s), comma list, e.g. 32,48")
@@ -235,6 +244,29 @@ def cmd_info(a, petsc_args):
     return 0
 
 
+def cmd_kernels(a, petsc_args):
+    from . import kernels
+    if petsc_args:
+        raise UserError(f"kernels takes no PETSc options: {' '.join(petsc_args)}")
+    if not a.install:
+        for k, v in kernels.report():
+            print(f"{k:16s} {v}")
+        return 0
+    try:
+        path = kernels.install(a.install)
+    except OSError as e:
+        raise UserError(f"kernels --install {a.install}: {e.strerror}"
+                        + (f": {e.filename}" if e.filename else "")) from None
+    except (RuntimeError, kernels.Untrusted) as e:
+        raise UserError(f"kernels --install {a.install}: {e}") from None
+    print(f"installed {path} and its {kernels.record_path(path).name}")
+    if os.geteuid() != 0:
+        print(f"owned by uid {os.geteuid()}: only your own jobs trust it (others need a "
+              "root-owned copy)")
+    print(f"export DEEPCD_KERNEL_DIR={shlex.quote(str(path.parent))}")
+    return 0
+
+
 def _ints(text, what):
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
@@ -374,7 +406,7 @@ def cmd_bench(a, petsc_args):
 
 
 COMMANDS = {"bench": cmd_bench, "solve": cmd_solve, "info": cmd_info, "train": cmd_train,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "kernels": cmd_kernels}
 
 
 def main(argv=None):

@@ -14,12 +14,40 @@ runtime torch already loaded (same soname), so one thread pool serves both.
 Cache: $DEEPCD_KERNEL_DIR, else $XDG_CACHE_HOME/deepcd_petsc, else
 ~/.cache/deepcd_petsc; the file name hashes the source, the compiler, its
 options and the CPU flags (nodes of another CPU type build their own copy).
+
+Trust. Loading a library runs its constructors inside every process that
+loads it, so a file that another user could have written is never loaded.
+Like OpenSSH's StrictModes, a cached library is loaded only when
+  - it is a regular file, not a symbolic link (opened with O_NOFOLLOW and
+    checked with fstat on that descriptor), owned by us (the effective uid)
+    or root, and writable by neither group nor others;
+  - its directory and every ancestor (symbolic links resolved first) are
+    owned by us or root and writable by neither group nor others, unless
+    the sticky bit is set (as on /tmp);
+  - the sha256 of its content, read from the open descriptor, equals the
+    record <library>.sha256 written beside it when it was built (sha256sum's
+    format: hash and file name), the record passing the same file checks.
+The checked descriptor itself is loaded (/proc/self/fd/N on Linux), so the
+file cannot be swapped between the check and the load. Anything else is
+refused: the kernels are then built into the per-user cache (created 0700;
+a fresh mkdtemp directory if that is untrusted too), and status() names the
+refused file or directory and why. Builds compile to a temporary file beside
+the target under a lock (ranks starting at once compile once), and the
+record, then the library, are renamed into place with mode 0644: a reader
+never loads a half-written file (it would not match its record).
+`deepcd kernels --install DIR` is the safe way to share one build per CPU
+type on a cluster (see the README).
 """
+import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
 import os
 import platform
 import shlex
+import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -27,6 +55,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]     # then -march=native, or without
 MAXK = 16      # vectors per fused reduction (MAXK in kernels.c)
+LOCK = ".deepcd_kernels.lock"
 _state = {"lib": None, "status": None}
 
 _d = ctypes.c_double
@@ -52,10 +81,18 @@ MG_SIGNATURES = {
 }
 
 
+class Untrusted(Exception):
+    """A file or directory that must not be loaded from; the message says why."""
+
+
 def cache_dir():
+    """The configured cache: $DEEPCD_KERNEL_DIR, else the per-user one."""
     env = os.environ.get("DEEPCD_KERNEL_DIR")
-    if env:
-        return Path(env)
+    return Path(env) if env else private_dir()
+
+
+def private_dir():
+    """The per-user cache, where kernels are built when the configured one is refused."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "deepcd_petsc"
 
@@ -75,37 +112,286 @@ def _compiler():
     return shlex.split(os.environ.get("CC", "cc"))
 
 
-def _build():
+def library_name():
+    """This node's file name: hashes the source, compiler, options and CPU
+    flags, so nodes of another CPU type or compiler never share a build.
+    RuntimeError without a compiler."""
     cc = _compiler()
     try:
         version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C compiler ({' '.join(cc)}: {e})") from None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((cc, version, FLAGS, _cpu_flags(),
-                                     platform.machine())).encode())
-    out = cache_dir() / f"deepcd_kernels-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: ranks building at once never
-    # load a half-written file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, FLAGS, _cpu_flags(),
+                                                     platform.machine())).encode())
+    return f"deepcd_kernels-{key.hexdigest()[:16]}.so"
+
+
+def library_path(directory=None):
+    """The library load() looks for first: this node's file in `directory`
+    (default: the configured cache)."""
+    return Path(directory or cache_dir()) / library_name()
+
+
+def record_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+# --- trust checks --------------------------------------------------------
+
+def _mode_problems(st):
+    """Why a file or directory with this stat could have been written by
+    someone else ([] when it could not)."""
+    why = []
+    if st.st_uid not in (os.geteuid(), 0):
+        why.append(f"owned by uid {st.st_uid}")
+    if not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):   # sticky: like /tmp
+        why += [w for bit, w in ((stat.S_IWGRP, "writable by group"),
+                                 (stat.S_IWOTH, "writable by others")) if st.st_mode & bit]
+    return why
+
+
+def dir_problem(directory):
+    """Why files in `directory` cannot be trusted (None when they can): it
+    and every ancestor, symbolic links resolved, must pass _mode_problems,
+    or else someone else could replace our files or the directory itself."""
+    d = Path(os.path.realpath(directory))
+    for p in (d, *d.parents):
+        try:
+            why = _mode_problems(os.stat(p))
+        except OSError as e:
+            return f"{p}: {e.strerror}"
+        if why:
+            return "; ".join(why) if p == d else f"ancestor {p} {'; '.join(why)}"
+    return None
+
+
+def _open_checked(path):
+    """A descriptor on the regular file `path`, opened without following a
+    symbolic link and checked on the descriptor (not the name, which could be
+    swapped). Raises Untrusted, or FileNotFoundError when absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Untrusted("a symbolic link") from None
+        raise
+    st = os.fstat(fd)
+    why = ([] if stat.S_ISREG(st.st_mode) else ["not a regular file"]) + _mode_problems(st)
+    if why:
+        os.close(fd)
+        raise Untrusted("; ".join(why))
+    return fd
+
+
+def _read_all(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _record(path):
+    """The record's words: [sha256, file name] (the name too, so that a
+    record cannot vouch for a file of another name)."""
+    rec = record_path(path)
+    try:
+        fd = _open_checked(rec)
+    except FileNotFoundError:
+        raise Untrusted(f"no record {rec.name}") from None
+    except Untrusted as e:
+        raise Untrusted(f"record {rec.name}: {e}") from None
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace").split()
+    finally:
+        os.close(fd)
+
+
+def open_trusted(path):
+    """A descriptor on `path` when it is a trusted library (the module
+    docstring's file checks, and its content hashes to its record); the
+    caller loads that descriptor, so what was hashed is what runs. Raises
+    Untrusted, or FileNotFoundError when absent."""
+    path = Path(path)
+    fd = _open_checked(path)
+    try:
+        if [hashlib.sha256(_read_all(fd)).hexdigest(), path.name] != _record(path):
+            raise Untrusted(f"content does not match {record_path(path).name}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --- building ------------------------------------------------------------
+
+def _write_beside(target, data, mode):
+    """Write to a temporary file in target's directory and rename it onto
+    target: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def publish(path, data):
+    """Put library bytes at `path` with their record, both 0644. Record
+    first: a reader between the two renames sees a mismatch and refuses."""
+    digest = hashlib.sha256(data).hexdigest()
+    _write_beside(record_path(path), f"{digest}  {path.name}\n".encode(), 0o644)
+    _write_beside(path, data, 0o644)
+
+
+def _compile(path):
+    """Compile kernels.c (with -march=native, else without) and publish it at `path`."""
+    cc = _compiler()
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
         errors = []
         for arch in (["-march=native"], []):
-            cmd = cc + [*FLAGS, *arch, "-o", tmp, str(SOURCE)]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            p = subprocess.run(cc + [*FLAGS, *arch, "-o", tmp, str(SOURCE)],
+                               capture_output=True, text=True, timeout=120)
             if p.returncode == 0:
-                os.replace(tmp, out)
-                return out
+                with open(tmp, "rb") as f:
+                    return publish(path, f.read())
             errors.append(p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"])
         raise RuntimeError(f"{' '.join(cc)} failed: {errors[-1][0]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _locked(directory):
+    """Hold the directory's build lock, so ranks starting at once wait for one
+    compile. No lock where we cannot create one (a read-only shared cache) or
+    where it is someone else's (they could hold it forever)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError:
+        fd = None
+    if fd is not None and _mode_problems(os.fstat(fd)):
+        os.close(fd)
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# --- finding a trusted library -------------------------------------------
+
+def _find_or_build(directory, name, ours):
+    """(descriptor, built) for `name` in the trusted `directory`: its trusted
+    library, else one compiled there. An untrusted file is replaced only in
+    a cache of ours (e.g. one built before records existed); elsewhere it is
+    refused (Untrusted). OSError: absent and the directory is not writable."""
+    path = directory / name
+    try:
+        return open_trusted(path), False
+    except (FileNotFoundError, Untrusted):
+        pass
+    with _locked(directory):         # a concurrent build may just have finished
+        try:
+            return open_trusted(path), False
+        except FileNotFoundError:
+            pass
+        except Untrusted as e:
+            if not ours:
+                raise Untrusted(f"kernel library {path} not trusted ({e})") from None
+        _compile(path)
+        return open_trusted(path), True
+
+
+def _candidates():
+    """(directory, ours, temporary) in the order tried: the configured cache,
+    the per-user one, then a fresh private temporary directory."""
+    configured, private = cache_dir(), private_dir()
+    yield configured, configured == private, False
+    if configured != private:
+        yield private, True, False
+    yield Path(tempfile.mkdtemp(prefix="deepcd_kernels-")), True, True
+
+
+def _prepare(directory):
+    """The resolved directory, created 0700 when missing (a cache we create is
+    private); Untrusted with the note to show when it cannot be used."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise Untrusted(f"kernel cache {directory} cannot be created ({e.strerror})") from None
+    d = Path(os.path.realpath(directory))   # resolved once: what is checked is what is used
+    why = dir_problem(d)
+    if why:
+        raise Untrusted(f"kernel cache {directory} not trusted ({why})")
+    return d
+
+
+def locate():
+    """(descriptor, path, note, temporary): this node's trusted library,
+    found or built in the first usable cache; note says what was refused and
+    where the library came from instead (None when nothing was refused)."""
+    name = library_name()
+    notes = []
+    for directory, ours, temporary in _candidates():
+        try:
+            d = _prepare(directory)
+            fd, built = _find_or_build(d, name, ours)
+        except Untrusted as e:
+            notes.append(str(e))
+        except OSError as e:
+            notes.append(f"kernel cache {directory} has no usable {name} and cannot be "
+                         f"written ({e.strerror})")
+        else:
+            return fd, d / name, _note(notes, built, d, temporary), temporary
+        if temporary:
+            shutil.rmtree(directory, ignore_errors=True)
+    raise RuntimeError("; ".join(notes))
+
+
+def _note(notes, built, directory, temporary):
+    """One line for status(): what was refused and why, and where the library
+    came from instead (None when nothing was refused)."""
+    if not notes:
+        return None
+    where = f"{'built in' if built else 'loaded from'} {directory}"
+    return "; ".join(notes) + f": {where}" + (" (temporary, removed)" if temporary else "")
+
+
+def _dlopen(fd, path):
+    """Load the checked descriptor itself where /proc/self/fd exists (no race
+    between check and load), else the path (checked just before)."""
+    proc = f"/proc/self/fd/{fd}"
+    return ctypes.CDLL(proc if os.path.exists(proc) else str(path))
+
+
+def _release(fd, path, temporary):
+    """Close the descriptor; a temporary cache goes once its library is
+    loaded or copied (the mapping outlives the file)."""
+    os.close(fd)
+    if temporary:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _declare(lib):
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    for name, args in MG_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
 
 
 def load():
@@ -117,16 +403,14 @@ def load():
         return None
     try:
         import torch  # noqa: F401  (its OpenMP runtime first: see the module docstring)
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-        for name, args in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, ctypes.c_int
-        for name, args in MG_SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
+        fd, path, note, temporary = locate()
+        try:
+            lib = _dlopen(fd, path)
+        finally:
+            _release(fd, path, temporary)
+        _declare(lib)
         _state["lib"] = lib
-        _state["status"] = f"fused C kernels ({path})"
+        _state["status"] = f"fused C kernels ({path})" + (f"; {note}" if note else "")
     except Exception as e:   # any failure: the torch path, and say why
         _state["status"] = f"torch (C kernels unavailable: {e})"
     return _state["lib"]
@@ -135,6 +419,58 @@ def load():
 def status():
     load()
     return _state["status"]
+
+
+def _verdict(path):
+    try:
+        os.close(open_trusted(path))
+        return "trusted"
+    except FileNotFoundError:
+        return "absent"
+    except (Untrusted, OSError) as e:
+        return f"not trusted ({e})"
+
+
+def report():
+    """(label, value) lines for `deepcd kernels`: the configured cache, whether
+    it and this node's library in it are trusted and why, then what load()
+    did (which file it loaded, or why the torch path)."""
+    d = cache_dir()
+    origin = "DEEPCD_KERNEL_DIR" if os.environ.get("DEEPCD_KERNEL_DIR") else "per-user default"
+    lines = [("kernel cache", f"{d} ({origin})")]
+    if not os.path.isdir(d):
+        lines.append(("  directory", "absent (created 0700 on first use)"))
+    else:
+        why = dir_problem(d)
+        lines.append(("  directory", "trusted" if why is None else f"not trusted ({why})"))
+        with contextlib.suppress(RuntimeError):       # no compiler: status() says so
+            path = library_path(os.path.realpath(d))
+            lines.append(("  library", f"{path.name}: {_verdict(path)}"))
+    return lines + [("loaded", status())]
+
+
+def install(dest):
+    """Put this node's trusted library (the cached one, or built now) and its
+    record into `dest`, mode 0644, `dest` 0755, and return the installed path
+    once it passes the same checks as load(). Raises Untrusted, RuntimeError
+    (no compiler) or OSError."""
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(dest))
+    os.makedirs(dest, exist_ok=True)
+    os.chmod(dest, 0o755)
+    d = Path(os.path.realpath(dest))
+    why = dir_problem(d)
+    if why:
+        raise Untrusted(f"{dest} not trusted ({why})")
+    fd, path, _, temporary = locate()
+    try:
+        data = _read_all(fd)
+    finally:
+        _release(fd, path, temporary)
+    target = d / path.name
+    publish(target, data)
+    os.close(open_trusted(target))
+    return target
 
 
 def pointers(tensors):
