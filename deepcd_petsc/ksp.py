@@ -6,8 +6,11 @@ The iteration (Kaneda et al., ICML 2023): d = f(r/‖r‖), A-orthogonalised
 against the last m directions, α = dᵀr/dᵀAd, x += αd, r −= αAd. All Krylov
 arithmetic is float64 on the Vecs' memory (fused kernels, workspace.py;
 global dot products), the network runs in its own dtype. A safeguard replaces a useless network
-direction by the Jacobi-preconditioned residual so DCDM never stalls where
-CG converges.
+direction by the Jacobi-preconditioned residual; after -ksp_dcdm_switch such
+replacements in one solve the network is not helping on this operator, and
+the rest of the solve is Jacobi-preconditioned CG (the same recurrence with
+d = D⁻¹r, which for a fixed SPD preconditioner is PCG), so DCDM never
+converges much slower than CG + Jacobi.
 """
 import time
 
@@ -30,6 +33,9 @@ class DCDM(NetworkContext):
         self.stagnation = 0.999   # ‖r_new‖ > this·‖r_old‖ counts as stagnation
         self.fallbacks = 0
         self.total_fallbacks = 0
+        self.switch = 8             # fallbacks in one solve (and 1 in 3 directions) before CG + Jacobi
+        self.switched_at = None     # iteration of the last solve where it did
+        self.switches = 0           # solves that switched, in all
         self.timing = {}
         self.ws = None              # work vectors, kept between solves
         self.minv = None
@@ -47,6 +53,10 @@ class DCDM(NetworkContext):
             raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
         self.northo = m
         self.stagnation = opts.getReal("stagnation", self.stagnation)
+        sw = opts.getInt("switch", self.switch)
+        if sw < 0:
+            raise SetupError(f"-{self.option_prefix(ksp)}switch must be >= 0 (0: never), got {sw}")
+        self.switch = sw
 
     @reported
     def setUp(self, ksp):
@@ -77,6 +87,11 @@ class DCDM(NetworkContext):
                            f"(stagnation threshold {self.stagnation})\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
                            f"{self.total_fallbacks} in all\n")
+        sw = (f"after {self.switch} fallbacks in a solve" if self.switch and self.northo
+              else "never" + (" (needs northo >= 1)" if self.switch else ""))
+        last = (f"the last solve switched at iteration {self.switched_at}"
+                if self.switched_at is not None else "the last solve did not")
+        viewer.printfASCII(f"  switch to CG + Jacobi: {sw}; {last} ({self.switches} solve(s) in all)\n")
         viewer.printfASCII(f"  Krylov vector work: {kernels.status()}\n")
         t, its = self.timing, ksp.getIterationNumber()
         if t.get("total") and its:
@@ -137,9 +152,13 @@ class DCDM(NetworkContext):
                 for i in range(2, ws.count, 2)]
         dirs = []                   # (slot, pᵀAp) of the last m directions
         self.fallbacks = 0
+        self.switched_at = None
+        jacobi_only = False         # CG + Jacobi for the rest of this solve
+        rz = None                   # its rᵀD⁻¹r
         self.minv = None            # Jacobi safeguard's D⁻¹, read on first use
         its = 0
-        rn = ws.norm(rt)
+        rn = rn0 = ws.norm(rt)
+        zero_guess = not ksp.getInitialGuessNonzero()
         max_it = ksp.getTolerances()[3]
         if not self._report(ksp, its, rn):
             return
@@ -151,14 +170,23 @@ class DCDM(NetworkContext):
                     return
                 slot = d, dt, Ad, Adt = free[-1]
                 used_fallback = force_fallback
-                if not force_fallback:
+                if jacobi_only:
+                    # PCG with D⁻¹: p = z + βp_old, β = rᵀz / r_oldᵀz_old (the
+                    # r-based β: A-orthogonalising z is unstable here)
+                    torch.mul(self._jacobi(A, ws), rt, out=dt)
+                    rz, rz_old = ws.dots(rt, [dt])[0], rz
+                    if rz_old is not None and dirs:
+                        dt.add_(dirs[-1][0][1], alpha=rz / rz_old)
+                    dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, [])
+                elif not force_fallback:
                     tn = time.perf_counter()
                     r.stateIncrease()
                     self.apply_network(r, d, 1.0 / rn, views=(rt, dt))
                     self.timing["network"] += time.perf_counter() - tn
                 else:
                     torch.mul(self._jacobi(A, ws), rt, out=dt)
-                dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
+                if not jacobi_only:
+                    dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
                 if not used_fallback and not (dr != 0.0 and 0.0 < dAd < float("inf")):
                     # the network direction is useless here (NaN/Inf, orthogonal
                     # to r, or no curvature): take the classical one instead. Its
@@ -166,9 +194,25 @@ class DCDM(NetworkContext):
                     used_fallback = True
                     torch.mul(self._jacobi(A, ws), rt, out=dt)
                     dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
-                if used_fallback:
+                if used_fallback and not jacobi_only:
                     self.fallbacks += 1
                     self.total_fallbacks += 1
+                    if self.switch and self.northo and self.fallbacks >= self.switch \
+                            and 3 * self.fallbacks >= its:
+                        # mixing network and Jacobi directions breaks either
+                        # recurrence: from here on, PCG with D⁻¹ alone; from
+                        # the zero guess again when the network gained less
+                        # than a decade (its directions can leave error in
+                        # modes Jacobi-CG is slow on: 365 vs 264 iterations)
+                        jacobi_only = True
+                        self.switched_at = its
+                        self.switches += 1
+                        if zero_guess and rn > 0.1 * rn0:
+                            xt.zero_()
+                            x.stateIncrease()
+                            b.copy(r)
+                            rn = ws.norm(rt)
+                            continue
                 if dAd != dAd or dr != dr or abs(dAd) == float("inf"):
                     ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_NANORINF)
                     return
@@ -186,7 +230,7 @@ class DCDM(NetworkContext):
                 if len(dirs) > self.northo:
                     free.append(dirs.pop(0)[0])
                 its += 1
-                force_fallback = rn > self.stagnation * rn_old
+                force_fallback = jacobi_only or rn > self.stagnation * rn_old
                 if not self._report(ksp, its, rn):
                     return
 

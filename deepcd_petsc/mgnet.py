@@ -169,22 +169,29 @@ class Smoother(nn.Module):
         z = torch.einsum("oc,ncdhw->nodhw", w, h) + self.gate2.bias.view(1, -1, 1, 1, 1)
         return 2 * torch.sigmoid(z)
 
-    def step(self, i, s, gf, halo, taps=None):
+    def step(self, i, s, gf, halo, taps=None, tapw=None):
         """K_i ∗ s times the fluid-masked gate gf (N, steps, ...); `taps`:
         the kernel as Python floats (inference, read once per geometry so a
-        GPU never syncs per step)."""
+        GPU never syncs per step). `tapw` (N, 6, ...): per-cell weights of
+        the face taps from the operator's normalised couplings (1 on the
+        unit operator's interior), so that smoothing spreads along strong
+        couplings and not across weak ones."""
         p = _padded(s, halo)
         if torch.is_grad_enabled():
             w = self.kernel[i].to(s.dtype)
             out = w[0] * s
             for t, (axis, step) in enumerate(_FACES, start=1):
-                out = out + w[t] * _shifted(p, axis, step)
+                sh = _shifted(p, axis, step)
+                out = out + w[t] * (sh if tapw is None else sh * tapw[:, t - 1:t])
             return out * gf[:, i:i + 1]
         # inference: the same sum with in-place updates (half the memory passes)
         w = taps[i] if taps is not None else self.kernel[i].tolist()
         out = s * w[0]
         for t, (axis, step) in enumerate(_FACES, start=1):
-            out.add_(_shifted(p, axis, step), alpha=w[t])
+            if tapw is None:
+                out.add_(_shifted(p, axis, step), alpha=w[t])
+            else:
+                out.addcmul_(_shifted(p, axis, step), tapw[:, t - 1:t], value=w[t])
         return out.mul_(gf[:, i:i + 1])
 
 
@@ -338,6 +345,9 @@ class MGNet(nn.Module):
                 feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
                 lv["coef"] = sc.to(dtype)
+                csum = sc.sum(1, keepdim=True)
+                lv["tapw"] = torch.where(csum > 0, 6 * sc / csum.clamp(min=1e-300),
+                                         torch.zeros_like(sc)).to(dtype)
                 lv["diag64"] = sd
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
             else:
@@ -386,7 +396,7 @@ class MGNet(nn.Module):
         smoother applied to every unit vector (computed in float64)."""
         shape = lv["fluid"].shape[-3:]
         n = math.prod(shape)
-        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv", "coef") if k in lv}
+        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv", "coef", "tapw") if k in lv}
         eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
         cols = self._smooth(self.bottom, lv["gates"][0].double(), f64, eye, None, None, lv["taps"][0])
         return cols.reshape(n, n).t().contiguous()
@@ -413,7 +423,7 @@ class MGNet(nn.Module):
                 s = self._offdiag(lv, x, halo).addcmul_(lv["diag"], x, value=-1).add_(b).mul_(lv["dinv"])
             else:
                 s = lv["dinv"] * (b - self._apply_A(lv, x, halo))
-            dx = sm.step(i, s, gate, halo, taps if fast else None)
+            dx = sm.step(i, s, gate, halo, taps if fast else None, lv.get("tapw"))
             x = dx if x is None else (x.add_(dx) if fast else x + dx)
         return x
 
