@@ -40,7 +40,8 @@ def _is_number(tok):
 
 def _add_problem_args(p):
     p.add_argument("--scene", default="spheres",
-                   help="box | smoke | spheres | liquid | file (default spheres)")
+                   help="box | smoke | spheres | liquid | file, or an operator family: density | perm | "
+                        "aniso | stretch | periodic (default spheres)")
     p.add_argument("--n", help="cubic grid size N (N×N×N cells)")
     p.add_argument("--shape", help="grid NX,NY,NZ (non-cubic)")
     p.add_argument("--seed", default="0", help="scene and right-hand-side seed")
