@@ -1,0 +1,143 @@
+"""Run under mpiexec: each rank's 7-point stencil of a split operator
+equals the serial one, read from AIJ rows and by probing a MATSHELL.
+
+    mpiexec -n 3 python tests/mpi/stencil_split.py
+
+For each case (scene, grid, DMDA process grid) every rank reads its block
+with stencil.from_aij, checks it against MatMult on a ghosted random vector
+(DMDA ghosts, the opposite side on periodic axes), probes a MATSHELL that
+applies A (when the periodic axes allow it; otherwise checks the
+SetupError), and rank 0 compares the gathered blocks with the stencil of
+the same scene built on PETSc.COMM_SELF. Rank 0 prints one line per case,
+    CASE <scene> <nx>x<ny>x<nz> <px>x<py>x<pz> probe|noprobe
+and "OK <ranks>" when everything passed (exit 0), else "FAILED ..." (exit 1).
+"""
+import sys
+import traceback
+
+from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
+import numpy as np  # noqa: E402
+from deepcd_petsc import stencil  # noqa: E402
+from deepcd_petsc.errors import SetupError  # noqa: E402
+from deepcd_petsc.problem import Problem  # noqa: E402
+
+
+class Shell:
+    def __init__(self, A):
+        self.A = A
+
+    def mult(self, mat, x, y):
+        self.A.mult(x, y)
+
+
+def local_shape(da):
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    return (ze - zs, ye - ys, xe - xs)
+
+
+def ghosted(da, x, local):
+    gx = da.createLocalVec()
+    da.globalToLocal(x, gx)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, _), (ys, _), (zs, _) = da.getRanges()
+    g = np.pad(gx.getArray(readonly=True).reshape(gzm, gym, gxm).copy(), 1)
+    gx.destroy()
+    return g[tuple(slice(o, o + n + 2) for o, n in zip((zs - gzs, ys - gys, xs - gxs), local))]
+
+
+def check(cond, what):
+    """Collective: fails on every rank when it fails on any."""
+    bad = mpi.allgather(None if cond else f"rank {rank}: {what}")
+    bad = [b for b in bad if b]
+    if bad:
+        raise AssertionError("; ".join(bad))
+
+
+def run_case(scene, shape, procs):
+    p = Problem.from_scene(scene, shape, seed=5, proc_sizes=procs)
+    local = local_shape(p.da)
+    st = stencil.from_aij(p.da, p.A, local)
+    check(st.periodic == ((False, True, True) if scene == "periodic" else (False,) * 3), "periodic")
+    # A x = stencil x on the block, for a random x
+    x = p.da.createGlobalVec()
+    y = x.duplicate()
+    x.getArray()[...] = np.random.default_rng([rank, 11]).standard_normal(x.getLocalSize())
+    p.A.mult(x, y)
+    ref = y.getArray(readonly=True).reshape(local)
+    err = np.abs(st.apply(ghosted(p.da, x, local)) - ref).max(initial=0.0)
+    scale = mpi.allreduce(np.abs(ref).max(initial=0.0), op=mpi_max())
+    check(err <= 1e-12 * scale, f"apply differs from MatMult by {err:.3e} (scale {scale:.3e})")
+    x.destroy()
+    y.destroy()
+    # probing a MATSHELL equals the AIJ rows
+    nx, ny, nz = shape
+    can_probe = scene != "periodic" or (nx % 7 == 0 and ny % 7 == 0)
+    M = PETSc.Mat().createPython(p.A.getSizes(), Shell(p.A), comm=p.A.getComm())
+    M.setUp()
+    if can_probe:
+        pr = stencil.probe(p.da, M, local)
+        cmax = mpi.allreduce(np.abs(st.coef).max(initial=0.0), op=mpi_max())
+        d = max(np.abs(pr.diag - st.diag).max(initial=0.0), np.abs(pr.coef - st.coef).max(initial=0.0))
+        check(d <= 1e-12 * cmax, f"probe differs from from_aij by {d:.3e}")
+    else:
+        try:
+            stencil.probe(p.da, M, local)
+            raised = ""
+        except SetupError as e:
+            raised = str(e)
+        check("periodic axis" in raised and "multiple of 7" in raised, f"probe: {raised!r}")
+    M.destroy()
+    # gathered blocks = the serial stencil
+    blocks = mpi.gather((p.box, st.diag, st.coef), root=0)
+    ok, why = True, ""
+    if rank == 0:
+        q = Problem.from_scene(scene, shape, seed=5, comm=PETSc.COMM_SELF)
+        ser = stencil.from_aij(q.da, q.A, local_shape(q.da))
+        cover = np.zeros(ser.shape, int)
+        for r, ((xs, xe), (ys, ye), (zs, ze)), diag, coef in zip(range(size), *zip(*blocks)):
+            sl = (slice(zs, ze), slice(ys, ye), slice(xs, xe))
+            cover[sl] += 1
+            if not (np.array_equal(diag, ser.diag[sl]) and np.array_equal(coef, ser.coef[(slice(None),) + sl])):
+                ok, why = False, f"rank {r}'s block {sl} differs from the serial stencil"
+        if not (cover == 1).all():
+            ok, why = False, "the blocks do not cover the grid once"
+        q.A.destroy()
+        q.da.destroy()
+    check(mpi.bcast((ok, why), root=0)[0], mpi.bcast(why, root=0))
+    da_procs = p.da.getProcSizes()
+    p.A.destroy()
+    p.da.destroy()
+    return da_procs, can_probe
+
+
+def mpi_max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+CASES = [("density", (13, 11, 9)), ("periodic", (14, 14, 9)), ("periodic", (13, 11, 9))]
+SPLITS = [None, (size, 1, 1), (1, size, 1), (1, 1, size)]
+
+
+def main():
+    for scene, shape in CASES:
+        for procs in SPLITS:
+            da_procs, probed = run_case(scene, shape, procs)
+            if procs is not None:
+                check(tuple(da_procs) == procs, f"DMDA process grid {da_procs} != {procs}")
+            if rank == 0:
+                print(f"CASE {scene} {'x'.join(map(str, shape))} {'x'.join(map(str, da_procs))} "
+                      f"{'probe' if probed else 'noprobe'}", flush=True)
+    if rank == 0:
+        print(f"OK {size}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        if rank == 0:
+            print("FAILED " + traceback.format_exc().strip().splitlines()[-1], flush=True)
+        traceback.print_exc()
+        sys.stdout.flush()
+        mpi.Abort(1)
