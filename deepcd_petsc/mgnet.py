@@ -345,8 +345,11 @@ class MGNet(nn.Module):
                 feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
                 lv["coef"] = sc.to(dtype)
+                # n_c·c/Σc over the n_c coupled faces: 1 wherever the
+                # couplings are equal (the unit operator, walls included)
                 csum = sc.sum(1, keepdim=True)
-                lv["tapw"] = torch.where(csum > 0, 6 * sc / csum.clamp(min=1e-300),
+                nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
+                lv["tapw"] = torch.where(csum > 0, nc * sc / csum.clamp(min=1e-300),
                                          torch.zeros_like(sc)).to(dtype)
                 lv["diag64"] = sd
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)

@@ -93,7 +93,10 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False, history=False
             if not PETSc.Options(prefix).hasName("ksp_norm_type") and \
                     ksp.getType() in _UNPREC_OK:
                 ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-            if PETSc.KSP.Type.PYTHON in (ksp.getType(), ksp.getPC().getType()):
+            if PETSc.KSP.Type.PYTHON in (ksp.getType(), ksp.getPC().getType()) \
+                    and getattr(problem, "coefficients", None) is None:
+                # flag scenes: the flags are exact; families: the network
+                # reads the assembled operator's coefficients
                 from .context import set_flags
                 set_flags(ksp, problem.flags, problem.open_faces)
         times = []

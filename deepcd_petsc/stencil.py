@@ -60,6 +60,8 @@ class Stencil:
         `flags` describe on its fluid rows (then the compact flags path of
         the network is exact), else None. Local answer."""
         from .scenes import FLUID
+        if any(self.periodic):
+            return None          # the flags path has no wrap-around
         fluid = np.asarray(flags) == FLUID
         c = self.coef[:, fluid]
         nz = c[c != 0]
@@ -67,6 +69,10 @@ class Stencil:
             return 1.0
         s = float(nz.mean())
         if np.abs(nz - s).max() > 1e-8 * s:
+            return None
+        # the Dirichlet part counts whole air neighbours / open faces
+        excess = (self.diag[fluid] - c.sum(0)) / s
+        if np.abs(excess - np.round(excess)).max(initial=0.0) > 1e-6:
             return None
         return s
 

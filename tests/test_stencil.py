@@ -523,14 +523,10 @@ def test_network_levels_on_the_unit_operator(shape_zyx):
         ref = stencil.from_flags(np.zeros(shape, np.int8),
                                  scenes.padded(np.zeros(shape, np.int8), set())).coef
         assert np.array_equal(coef, ref), l
-        # the taps' weights are 1 in the interior (see TAPW_BUG for walls)
+        # the taps' weights are 1 wherever the couplings are equal
         if "tapw" in b and min(shape) >= 3:
             assert (b["tapw"][0][(slice(None),) + (slice(1, -1),) * 3] == 1).all(), l
 
-
-TAPW_BUG = ("mgnet.prepare: tapw = 6·c/Σc is 6/5, 3/2, 2 on the faces of wall, edge and corner "
-            "cells of the unit operator (taps of the flags path: 1), so with stencil= the network "
-            "smooths differently from the flags path on the operator it was trained on")
 
 
 def _output_pair(shape_zyx, unit_tapw=False):
@@ -562,7 +558,6 @@ def test_network_output_on_the_unit_operator_unit_taps(shape_zyx):
     assert (y1 - y2).abs().max() <= 1e-5 * y1.abs().max()
 
 
-@pytest.mark.xfail(reason=TAPW_BUG, strict=True)
 @pytest.mark.parametrize("shape_zyx", [(16, 16, 16), (12, 8, 16)])
 def test_network_output_on_the_unit_operator(shape_zyx):
     """Same network output with and without stencil= on scene "box"."""
@@ -570,7 +565,6 @@ def test_network_output_on_the_unit_operator(shape_zyx):
     assert (y1 - y2).abs().max() <= 1e-5 * y1.abs().max()
 
 
-@pytest.mark.xfail(reason=TAPW_BUG, strict=True)
 def test_tap_weights_of_the_unit_operator_are_one():
     from deepcd_petsc.model import load_model
     net, _ = load_model()

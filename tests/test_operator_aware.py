@@ -1,0 +1,168 @@
+"""DCDM on operators with coefficients (operator families): the network
+reads A's stencil, assembled or probed, and DCDM still converges where the
+network does not help (the switch to Jacobi-PCG)."""
+import pytest
+import torch
+from petsc4py import PETSc
+
+from deepcd_petsc.model import load_model, save_checkpoint
+from deepcd_petsc.problem import Problem
+from helpers import run_cli
+from test_ksp import DCDM, make_ksp, solve, view_text
+
+FAMILIES = ["density", "perm", "aniso", "stretch", "periodic"]
+
+
+@pytest.fixture(scope="module")
+def families():
+    out = {f: Problem.from_scene(f, (16, 14, 12), seed=5) for f in FAMILIES}
+    yield out
+    for p in out.values():
+        p.destroy()
+
+
+class Shell:
+    """A matrix-free operator: only mult."""
+
+    def __init__(self, A):
+        self.A = A
+
+    def mult(self, mat, x, y):
+        self.A.mult(x, y)
+
+
+def shell_of(A):
+    m = PETSc.Mat().createPython(A.getSizes(), Shell(A), comm=A.getComm())
+    m.setUp()
+    return m
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_dcdm_reads_the_operator(families, fam, tmp_path):
+    p = families[fam]
+    with make_ksp(p.A, "oa_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 300}, da=p.da) as ksp:
+        reason, its, res, x = solve(ksp, p)
+        text = view_text(ksp, tmp_path)
+    x.destroy()
+    assert reason == "CONVERGED_RTOL" and res <= 1e-6, (reason, its, res)
+    assert "operator's 7-point coefficients (AIJ)" in text, text
+
+
+@pytest.mark.parametrize("fam", ["density", "perm", "aniso", "stretch"])
+def test_shell_operator_is_probed(families, fam, tmp_path):
+    """A MATSHELL takes the same iterations (±1) as the assembled matrix."""
+    p = families[fam]
+    its = {}
+    for kind in ("aij", "shell"):
+        A = p.A if kind == "aij" else shell_of(p.A)
+        with make_ksp(A, "sh_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 300}, da=p.da) as ksp:
+            reason, its[kind], res, x = solve(ksp, p)
+            text = view_text(ksp, tmp_path)
+        x.destroy()
+        assert reason == "CONVERGED_RTOL" and res <= 1e-6, (kind, reason, res)
+        if kind == "shell":
+            A.destroy()
+            assert "probed" in text, text
+    assert abs(its["aij"] - its["shell"]) <= 1, its
+
+
+def test_unit_operator_keeps_flags_path(tmp_path):
+    p = Problem.from_scene("spheres", (16, 16, 16), seed=2)
+    try:
+        with make_ksp(p.A, "un_", {**DCDM, "ksp_rtol": 1e-6}, da=p.da) as ksp:
+            reason, its, res, x = solve(ksp, p)
+            text = view_text(ksp, tmp_path)
+        x.destroy()
+    finally:
+        p.destroy()
+    assert reason == "CONVERGED_RTOL" and its <= 9, (reason, its)
+    assert "unit 7-point operator of the cell flags" in text, text
+
+
+def test_coefficient_change_rebuilds(families, tmp_path):
+    """Same flags, new coefficient values (A re-assembled in place): the
+    network must follow the new operator, not keep the old levels."""
+    p = families["perm"]
+    with make_ksp(p.A, "cc_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 300}, da=p.da) as ksp:
+        solve(ksp, p)[3].destroy()
+        ctx = ksp.getPythonContext()
+        before = ctx.stencil.copy()
+        p.A.scale(1.0)                      # no change of values: state bump only
+        ai, aj, av = p.A.getValuesCSR()
+        rows = p.A.getOwnershipRange()
+        # a jump of 100 in the first half of the rows
+        import numpy as np
+        scale = np.ones(rows[1] - rows[0])
+        scale[: len(scale) // 2] = 100.0
+        d = p.A.createVecLeft()
+        d.setArray(scale)
+        p.A.diagonalScale(d, d)             # D A D: SPD, other coefficients
+        d.destroy()
+        reason, its, res, x = solve(ksp, p)
+        x.destroy()
+        assert reason == "CONVERGED_RTOL" and res <= 1e-6
+        assert not np.allclose(ctx.stencil, before)
+        assert np.allclose(ctx.stencil[0].ravel()[: len(scale) // 2],
+                           1e4 * before[0].ravel()[: len(scale) // 2])
+
+
+def _model(tmp_path_factory, name, value):
+    net, _ = load_model()
+    with torch.no_grad():
+        if value is None:      # every smoother and coarse correction zero: f(r) = 0
+            net.coarse_scale.zero_()
+            for m in net.modules():
+                if hasattr(m, "kernel"):
+                    m.kernel.zero_()
+        else:
+            net.coarse_scale.fill_(value)
+    path = tmp_path_factory.mktemp(name) / f"{name}.pt"
+    save_checkpoint(str(path), net)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """The shipped network with its coarse correction reversed (SPD
+    operators, poor directions) or with zero smoothers (no usable direction
+    at all)."""
+    return {"reversed": _model(tmp_path_factory, "reversed", -4.0),
+            "zero": _model(tmp_path_factory, "zero", None)}
+
+
+def _cg_jacobi_its(p):
+    with make_ksp(p.A, "cj_", {"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-6,
+                               "ksp_norm_type": "unpreconditioned", "ksp_max_it": 2000},
+                  da=p.da) as ksp:
+        _, its, _, x = solve(ksp, p)
+    x.destroy()
+    return its
+
+
+@pytest.mark.parametrize("fam", ["perm", "stretch"])
+@pytest.mark.parametrize("kind", ["reversed", "zero"])
+def test_useless_network_as_fast_as_jacobi_cg(families, fam, kind, bad_models, tmp_path):
+    """No worse than CG + Jacobi (within 1.5x) with a network that does not
+    help; a network with no usable direction switches to Jacobi-PCG, and
+    -ksp_view says when."""
+    p = families[fam]
+    cg_its = _cg_jacobi_its(p)
+    with make_ksp(p.A, "bd_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 2000,
+                               "ksp_dcdm_model": bad_models[kind]}, da=p.da) as ksp:
+        reason, its, res, x = solve(ksp, p)
+        text = view_text(ksp, tmp_path)
+        switched = ksp.getPythonContext().switched_at
+    x.destroy()
+    assert reason == "CONVERGED_RTOL" and res <= 1e-6, (reason, its, res)
+    assert its <= 1.5 * cg_its + 20, (its, cg_its)
+    if kind == "zero":
+        assert switched == 7 and "switched at iteration 7" in text, text
+        assert its <= cg_its + 12, (its, cg_its)
+
+
+def test_switch_option_validated():
+    r = run_cli(["solve", "--scene", "perm", "--n", "8", "-ksp_type", "python",
+                 "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_dcdm_switch", "-1"])
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "switch must be >= 0" in lines[0], r.stderr
