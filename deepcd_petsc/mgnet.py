@@ -323,6 +323,7 @@ class MGNet(nn.Module):
                     sd, sc = galerkin_coarsen(sd, sc, fl.double())
                     fl = F.max_pool3d(fl, 2)
                     air = F.max_pool3d(air, 2) * (1 - fl)
+                    open_ = F.max_pool3d(open_, 2) * fl     # shape only: unused here
                 else:
                     # a coarse cell is air if any child is, else fluid if any child is
                     air = F.max_pool3d(air, 2)

@@ -166,3 +166,24 @@ def test_switch_option_validated():
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "switch must be >= 0" in lines[0], r.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("fam", ["density", "stretch"])
+def test_family_same_iterations_on_ranks(fam):
+    """The coefficient levels (Galerkin coarsening, gathered coarse
+    levels, the coarsest pseudo-inverse) on 2 and 3 ranks: serial
+    iterations, same solution to rounding."""
+    import json
+    from helpers import run_cli_mpi
+    args = ["solve", "--scene", fam, "--shape", "20,18,16", "--seed", "4", "--json",
+            "-ksp_rtol", "1e-6", "-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM",
+            "-ksp_dcdm_threads", "1"]
+    out = {}
+    for n in (1, 2, 3):
+        r = run_cli_mpi(n, args)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    for n in (2, 3):
+        assert out[n]["iterations"] == out[1]["iterations"], out
+        assert abs(out[n]["true_residual"] - out[1]["true_residual"]) <= 1e-3 * out[1]["true_residual"]
