@@ -26,11 +26,17 @@ class Decomposition:
     """Px×Py×Pz blocks over the grid padded to `multiple`; ranks beyond
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
 
-    def __init__(self, shape_xyz, multiple, size, rank, ranges=None):
+    def __init__(self, shape_xyz, multiple, size, rank, ranges=None, periodic=(False,) * 3):
         """`ranges`: the application's DMDA ownership (cells per process
         along x, y, z); used as it is when already aligned, so that no
-        scatter is needed (evaluator.py)."""
+        scatter is needed (evaluator.py). `periodic` (x, y, z): the halo
+        wraps along those axes (their lengths are multiples of
+        `multiple`: no padding there)."""
         self.shape = tuple(int(s) for s in shape_xyz)
+        self.periodic = tuple(bool(p) for p in periodic)
+        for n, per in zip(self.shape, self.periodic):
+            if per and n % multiple:
+                raise ValueError(f"periodic axis of {n} cells is not a multiple of {multiple}")
         self.multiple = multiple
         units = [-(-s // multiple) for s in self.shape]
         self.padded = tuple(u * multiple for u in units)
@@ -84,10 +90,14 @@ class Decomposition:
                      for (lo, hi), n in zip(self.block, self.shape))
 
     def neighbour(self, axis, step):
-        """Rank of the neighbouring block along axis (0=x, 1=y, 2=z), or None."""
+        """Rank of the neighbouring block along axis (0=x, 1=y, 2=z), or
+        None; across a periodic boundary the block on the other side (this
+        rank itself when it spans the axis)."""
         c = list(self.coords)
         c[axis] += step
-        if not 0 <= c[axis] < self.procs[axis]:
+        if self.periodic[axis]:
+            c[axis] %= self.procs[axis]
+        elif not 0 <= c[axis] < self.procs[axis]:
             return None
         px, py, _ = self.procs
         return c[0] + px * (c[1] + py * c[2])
@@ -97,7 +107,8 @@ class HaloExchange:
     """Adds a w-cell halo from the 26 neighbours to a (..., D, H, W) block:
     three phases (x, then y including x-ghosts, then z including both) fill
     faces, edges and corners with 6 pairwise MPI Sendrecv calls. Zeros on the
-    global boundary, as zero padding gives on one process."""
+    global boundary, as zero padding gives on one process; the other side's
+    cells across a periodic one (mgnet.WrapPad on one process)."""
 
     def __init__(self, decomposition, mpicomm):
         from mpi4py import MPI

@@ -129,13 +129,39 @@ def galerkin_coarsen(diag, coef, active):
     return d / GALERKIN_FACTOR, torch.cat(out, 1) / GALERKIN_FACTOR
 
 
-def levels_for(shape, max_levels, coarsest):
+def levels_for(shape, max_levels, coarsest, periodic=None):
     """Levels for a grid: halve until the smallest dimension would drop
-    below `coarsest` cells."""
+    below `coarsest` cells. A periodic axis cannot be padded (the wrap would
+    see the padding), so 2^(L−1) must divide its length."""
     m = min(int(s) for s in shape)
     if m < 2 * coarsest:
         return 1
-    return max(1, min(max_levels, int(math.floor(math.log2(m / coarsest))) + 1))
+    L = max(1, min(max_levels, int(math.floor(math.log2(m / coarsest))) + 1))
+    for n, per in zip(shape, periodic or (False,) * 3):
+        if per:
+            L = min(L, 1 + ((int(n) & -int(n)).bit_length() - 1))
+    return L
+
+
+class WrapPad:
+    """Ghost cells of a whole level on one process: the opposite side's
+    cells on periodic axes, zeros elsewhere (a halo for one rank)."""
+
+    def __init__(self, periodic):
+        self.periodic = tuple(bool(p) for p in periodic)      # (z, y, x)
+
+    def __call__(self, x, w):
+        p = F.pad(x, (w,) * 6)
+        for axis, per in zip((-3, -2, -1), self.periodic):
+            if per:
+                n = p.shape[axis]
+                p.narrow(axis, 0, w).copy_(p.narrow(axis, n - 2 * w, w))
+                p.narrow(axis, n - w, w).copy_(p.narrow(axis, w, w))
+        return p
+
+
+def wrap_pad(periodic):
+    return WrapPad(periodic) if periodic is not None and any(periodic) else None
 
 
 class Smoother(nn.Module):
@@ -219,15 +245,16 @@ class MGNet(nn.Module):
         self.coarse_scale = nn.Parameter(torch.full((max_levels - 1,), 4.0))
 
     # -- sizes ---------------------------------------------------------------
-    def levels_for(self, shape):
+    def levels_for(self, shape, periodic=None):
         """Levels for a grid; a run-time cap trades a weaker coarsest level
-        for a finer block alignment (more ranks can hold a block)."""
-        L = levels_for(shape, self.max_levels, self.coarsest)
+        for a finer block alignment (more ranks can hold a block).
+        `periodic`: flags in the order of `shape`'s axes."""
+        L = levels_for(shape, self.max_levels, self.coarsest, periodic)
         return min(L, self.level_cap) if self.level_cap else L
 
-    def multiple_for(self, shape):
+    def multiple_for(self, shape, periodic=None):
         """Grid padding and distributed block alignment for a grid."""
-        return 2 ** (self.levels_for(shape) - 1)
+        return 2 ** (self.levels_for(shape, periodic) - 1)
 
     @property
     def levels(self):
@@ -267,14 +294,18 @@ class MGNet(nn.Module):
 
     # -- geometry ------------------------------------------------------------
     def prepare(self, flags, dirichlet=None, dtype=torch.float32, device=None, halo=None,
-                stencil=None):
+                stencil=None, periodic=None):
         """Per-geometry tensors for every level: fluid mask, inverse diagonal
         of the level's operator, learned gates. `flags` int (D, H, W);
         `dirichlet` the dirichlet_fraction field (None: no open boundary).
         With `halo`, one rank's block of the aligned padded grid.
         `stencil` (7, D, H, W): the operator's diagonal and six couplings
         (stencil.Stencil); then every level applies that operator and its
-        Galerkin coarsenings instead of the unit operator of the flags."""
+        Galerkin coarsenings instead of the unit operator of the flags.
+        `periodic` (z, y, x): axes whose ghost cells wrap at every level
+        (the halo's on several ranks)."""
+        wrap = wrap_pad(periodic)
+        mh = halo                   # the multi-rank halo exchange, or None
         flags = torch.as_tensor(flags).to(device=device)
         if flags.dim() == 3:
             flags = flags[None, None]
@@ -285,9 +316,10 @@ class MGNet(nn.Module):
             L = int(round(math.log2(halo.dec.multiple))) + 1
             pad = [0, 0, 0]
         else:
-            L = self.levels_for(shape)
+            L = self.levels_for(shape, periodic)
             m = 2 ** (L - 1)
             pad = [(-s) % m for s in shape]
+            halo = wrap
         flags = F.pad(flags, (0, pad[2], 0, pad[1], 0, pad[0]), value=SOLID)
         fl = (flags == FLUID).float()
         air = (flags == AIR).float()
@@ -306,7 +338,7 @@ class MGNet(nn.Module):
         open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
         open_ = open_.round().clamp(min=0) * fl
         levels = []
-        g = None if halo is None else gather_level(
+        g = None if mh is None else gather_level(
             [math.prod(halo.level_shape(l)) for l in range(L)])
         sd = sc = None
         if stencil is not None:
@@ -336,7 +368,7 @@ class MGNet(nn.Module):
                     fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
                     if sd is not None:
                         sd, sc = (halo.gather_level(t, l) for t in (sd, sc))
-                lh = None
+                lh = wrap
             lv = {}
             if sd is not None:
                 diag = torch.where(fl > 0, sd.float(), torch.ones_like(fl))
@@ -360,23 +392,24 @@ class MGNet(nn.Module):
                 geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             lv.update({
-                "gathered": lh is None and halo is not None,
+                "gathered": g is not None and l >= g,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
                 "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
             lv.pop("diag64", None)
             levels.append(lv)
-        geo = {"shape": shape, "pad": pad, "levels": levels, "halo": halo, "L": L}
+        geo = {"shape": shape, "pad": pad, "levels": levels, "L": L, "wrap": wrap,
+               "halo": mh}
         bottom = levels[-1]
         cells = math.prod(bottom["fluid"].shape[-3:])
-        if (halo is None or bottom["gathered"]) and cells <= DENSE_CELLS \
+        if (geo["halo"] is None or bottom["gathered"]) and cells <= DENSE_CELLS \
                 and bottom["fluid"].shape[0] == 1 and not torch.is_grad_enabled():
-            bottom["dense"] = (self._bottom_inverse(bottom) if "coef" in bottom
+            bottom["dense"] = (self._bottom_inverse(bottom, wrap) if "coef" in bottom
                                else self._bottom_matrix(bottom))
         return geo
 
-    def _bottom_inverse(self, lv):
+    def _bottom_inverse(self, lv, wrap=None):
         """The coarsest operator's pseudo-inverse (float64): with
         coefficients, a few smoothing steps leave the low modes of jumps
         and anisotropy unsolved, and this level is tiny."""
@@ -384,7 +417,7 @@ class MGNet(nn.Module):
         n = math.prod(shape)
         f64 = {k: lv[k].double() for k in ("fluid", "diag", "coef")}
         eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
-        a = self._apply_A(f64, eye, None).reshape(n, n).t()
+        a = self._apply_A(f64, eye, wrap).reshape(n, n).t()
         keep = f64["fluid"].reshape(-1) > 0
         a = a[keep][:, keep]
         # per-row scaling first: coefficients may span many decades
@@ -454,7 +487,7 @@ class MGNet(nn.Module):
         if lv["gathered"] and not whole:
             x = self._cycle(geo, l, geo["halo"].gather_level(b, l), whole=True)
             return geo["halo"].own_block(x, l)
-        halo = None if whole else geo["halo"]
+        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
         if l == geo["L"] - 1:
             if "dense" in lv and not torch.is_grad_enabled():
                 return self._dense_bottom(lv, b)
