@@ -37,6 +37,7 @@ class NetworkContext:
         self.torch_device = None
         self.derived = None        # (flags, dirichlet, decoupled rows, stencil) read off that operator
         self.stencil = None        # (7, zm, ym, xm) diag + couplings when the network reads them
+        self.periodic = None       # (z, y, x) periodic axes of that stencil
         self.operator_path = None  # what the network's levels apply (-ksp_view)
 
     # -- options ------------------------------------------------------------
@@ -122,7 +123,8 @@ class NetworkContext:
                 self.evaluator = None
             self.evaluator = NetworkEvaluator(self.net, da, flags, dirichlet,
                                               DTYPES[self.dtype], self.torch_device,
-                                              stencil_local=self.stencil)
+                                              stencil_local=self.stencil,
+                                              periodic=self.periodic)
         finally:
             if own:
                 da.destroy()
@@ -265,7 +267,7 @@ class NetworkContext:
         flags to use (a probed operator's active rows)."""
         from . import stencil
         comm = A.getComm().tompi4py()
-        self.stencil = None
+        self.stencil = self.periodic = None
         if A.getType().endswith("aij"):
             st = stencil.from_aij(da, A, local)
             s = st.unit_scale(flags)
@@ -281,6 +283,7 @@ class NetworkContext:
             self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
                                   "Galerkin coarse levels")
         self.stencil = np.concatenate([st.diag[None], st.coef], 0)
+        self.periodic = st.periodic
         return flags
 
     def _same_geometry(self, before, A):

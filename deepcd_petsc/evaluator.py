@@ -36,7 +36,7 @@ class NetworkEvaluator:
     block of cell flags in the user's DMDA layout."""
 
     def __init__(self, net, da, flags_local, dirichlet_local=None, dtype=torch.float32, device="cpu",
-                 stencil_local=None):
+                 stencil_local=None, periodic=None):
         from petsc4py import PETSc
         self.net, self.dtype, self.device = net, dtype, torch.device(device)
         self.comm = da.getComm()
@@ -56,12 +56,14 @@ class NetworkEvaluator:
             flags = torch.as_tensor(np.ascontiguousarray(flags_local, dtype=np.int8))
             with torch.inference_mode():
                 self.geo = net.prepare(flags, _tensor(dirichlet_local), dtype=dtype,
-                                       device=self.device, **self._stencil_kw(stencil_local))
+                                       device=self.device, **self._stencil_kw(stencil_local, periodic))
             return
         from .layout import Layout
         mpicomm = self.comm.tompi4py()
-        self.dec = Decomposition(self.shape, net.multiple_for(self.shape), self.comm.getSize(),
-                                 self.comm.getRank(), ranges=da.getOwnershipRanges())
+        per_xyz = tuple(periodic[::-1]) if periodic is not None else (False,) * 3
+        self.dec = Decomposition(self.shape, net.multiple_for(self.shape, per_xyz), self.comm.getSize(),
+                                 self.comm.getRank(), ranges=da.getOwnershipRanges(),
+                                 periodic=per_xyz)
         # the application's split is already aligned: its blocks are ours,
         # and apply() reads and writes the Vecs without the VecScatter
         box = ((xs, xe), (ys, ye), (zs, ze))
@@ -104,19 +106,23 @@ class NetworkEvaluator:
             with torch.inference_mode():
                 self.geo = self.net.prepare(torch.as_tensor(block), _tensor(dblock), dtype=dtype,
                                             device=self.device, halo=self.halo,
-                                            **self._stencil_kw(sblock))
+                                            **self._stencil_kw(sblock, periodic))
 
-    def _stencil_kw(self, st):
-        """prepare()'s stencil argument: only networks that read operators
-        (MGNet) take one."""
+    def _stencil_kw(self, st, periodic=None):
+        """prepare()'s stencil and periodic arguments: only networks that
+        read operators (MGNet) take them."""
         if st is None:
+            if periodic is not None and any(periodic):
+                from .errors import SetupError
+                raise SetupError("periodic axes need the operator's coefficients (no flags path)")
             return {}
         from .mgnet import MGNet
         if not isinstance(self.net, MGNet):
             from .errors import SetupError
             raise SetupError("this model (a U-Net) reads cell flags only; operators with "
                              "coefficients need a V-cycle model")
-        return {"stencil": torch.as_tensor(np.ascontiguousarray(st, dtype=np.float64))}
+        return {"stencil": torch.as_tensor(np.ascontiguousarray(st, dtype=np.float64)),
+                "periodic": periodic}
 
     def _block_shape(self):
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block
