@@ -279,11 +279,12 @@ def _ints(text, what):
 
 
 def _scenes(text):
-    from .scenes import GENERATORS
+    from .scenes import FAMILY_SCENES, GENERATORS
+    known = list(GENERATORS) + list(FAMILY_SCENES)
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in GENERATORS]
+    bad = [s for s in names if s not in known]
     if bad or not names:
-        raise UserError(f"unknown scene(s) {bad}; choose from {', '.join(GENERATORS)}")
+        raise UserError(f"unknown scene(s) {bad}; choose from {', '.join(known)}")
     return names
 
 

@@ -125,3 +125,16 @@ def family(name, shape, seed, contrast=None):
     else:
         raise ValueError(name)
     return flags, {"z+"}, Coefficients(k, hz, hy, hx, periodic)
+
+
+def scene_operator(scene, shape, seed):
+    """(flags, open faces, whole-grid stencil.Stencil or None) of a flag
+    scene or an operator family, for torch-only use (training, evaluate)."""
+    from .scenes import make_flags, remove_isolated_fluid
+    if scene in FAMILIES:
+        from .stencil import from_coefficients
+        flags, faces, coef = family(scene, shape, seed)
+        flags = remove_isolated_fluid(flags, faces)
+        return flags, faces, from_coefficients(flags, faces, coef)
+    flags, faces = make_flags(scene, shape, seed)
+    return flags, faces, None

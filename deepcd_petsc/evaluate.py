@@ -3,12 +3,14 @@ torch float64 on the matrix-free operator (CPU or GPU). The PETSc KSP in
 ksp.py is the production solver; this is the yardstick for training."""
 import time
 
+import numpy as np
+
 import torch
 
 from .model import dirichlet_fraction
 from .operator import PoissonOperator
 from .problem import closed_regions, divergence_rhs
-from .scenes import FLUID, make_flags, padded
+from .scenes import FLUID, padded
 
 
 # Directions DCDM A-orthogonalises against, as in the paper (README,
@@ -21,17 +23,21 @@ class TorchSystem:
     """A scene's A (matrix-free), b and null space as float64 torch tensors."""
 
     def __init__(self, scene, shape_xyz, seed, device="cpu"):
+        from .coefficients import scene_operator
+        from .operator import StencilOperator
         nx, ny, nz = shape_xyz
-        flags, faces = make_flags(scene, (nz, ny, nx), seed)
-        self.flags, self.faces, self.shape = flags, faces, shape_xyz
-        self.op = PoissonOperator(flags, faces, dtype=torch.float64, device=device)
+        flags, faces, st = scene_operator(scene, (nz, ny, nx), seed)
+        self.flags, self.faces, self.shape, self.stencil = flags, faces, shape_xyz, st
+        self.op = (PoissonOperator(flags, faces, dtype=torch.float64, device=device) if st is None
+                   else StencilOperator(st, dtype=torch.float64, device=device))
         labels, closed = closed_regions(flags, faces)
         self.null = []
         for lab in closed:
             z = torch.as_tensor(labels == lab, dtype=torch.float64, device=device)
             self.null.append(z / z.norm())
         box = ((0, nx), (0, ny), (0, nz))
-        b = divergence_rhs(padded(flags, faces), box, shape_xyz, seed)
+        b = divergence_rhs(padded(flags, faces, st.periodic if st is not None else (False,) * 3),
+                           box, shape_xyz, seed)
         b[flags != FLUID] = 0.0
         self.b = self.project(torch.as_tensor(b, device=device))
 
@@ -108,8 +114,11 @@ def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
             for seed in seeds:
                 s = TorchSystem(scene, (n, n, n), seed, device)
                 with torch.inference_mode():
+                    kw = {} if s.stencil is None else {
+                        "stencil": torch.from_numpy(np.concatenate([s.stencil.diag[None], s.stencil.coef])),
+                        "periodic": s.stencil.periodic}
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
-                                      dtype=dtype, device=device)
+                                      dtype=dtype, device=device, **kw)
                 t = time.perf_counter()
                 its, hist = dcdm(s, net, geo, rtol, maxit, northo=northo, dtype=dtype)
                 row = {"scene": scene, "n": n, "seed": seed, "dcdm": its,

@@ -41,3 +41,28 @@ class PoissonOperator:
               + p[..., 1:-1, 1:-1, :-2] + p[..., 1:-1, 1:-1, 2:])
         y = self.diag.to(x.dtype) * x5 - nb * self.fluid_f.to(x.dtype)
         return y.reshape(shp)
+
+
+class StencilOperator:
+    """A of a stencil.Stencil (whole grid) in torch, periodic axes wrapped:
+    the operator families' counterpart of PoissonOperator (training,
+    Lanczos). Applies to (..., D, H, W) tensors."""
+
+    def __init__(self, st, dtype=torch.float64, device=None):
+        from .mgnet import wrap_pad
+        self.shape = st.shape
+        self.wrap = wrap_pad(st.periodic)
+        self.diag = torch.as_tensor(st.diag, device=device).to(dtype)
+        self.coef = torch.as_tensor(st.coef, device=device).to(dtype)[None]
+
+    def to(self, dtype=None, device=None):
+        self.diag = self.diag.to(dtype=dtype, device=device)
+        self.coef = self.coef.to(dtype=dtype, device=device)
+        return self
+
+    def __call__(self, x):
+        from .mgnet import coupled_sum
+        shp = x.shape
+        x5 = x.reshape(-1, 1, *self.shape)
+        y = self.diag.to(x.dtype) * x5 - coupled_sum(x5, self.coef.to(x.dtype), self.wrap)
+        return y.reshape(shp)

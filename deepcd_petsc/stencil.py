@@ -256,3 +256,22 @@ def from_flags(flags_local, pflags_local):
         diag += fluid & (nb != SOLID)
         coef[f] = fluid & (nb == FLUID)
     return Stencil(np.where(fluid, diag, 1.0), coef)
+
+
+def from_coefficients(flags, open_faces, coefficients):
+    """The whole-grid stencil of an operator family's scene, as
+    problem.assemble_csr assembles it (training builds operators without
+    PETSc): fluid rows couple T_f to fluid neighbours and count every
+    non-solid neighbour's T_f in the diagonal; other rows are identity."""
+    from .scenes import FLUID, SOLID, padded
+    per = coefficients.periodic
+    p = padded(np.asarray(flags), set(open_faces), per)
+    fluid = np.asarray(flags) == FLUID
+    trans = coefficients.face_transmissibilities(p)
+    diag = np.zeros(fluid.shape)
+    coef = np.zeros((6,) + fluid.shape)
+    for f, (axis, step) in enumerate(FACES):
+        nb = _shift(p, axis, step)
+        diag += np.where(fluid & (nb != SOLID), trans[f], 0.0)
+        coef[f] = np.where(fluid & (nb == FLUID), trans[f], 0.0)
+    return Stencil(np.where(fluid, diag, 1.0), coef, per)

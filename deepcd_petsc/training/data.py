@@ -6,22 +6,27 @@ Cache format (one file per geometry, `<scene>-<nx>x<ny>x<nz>-s<seed>-m<m>.npz`):
   open_faces     str, comma list (e.g. "z+")
   ritz_values    float64 (k,), ascending, null space dropped
   ritz_vectors   float32 (k, n_fluid), over fluid cells in natural order
+  stencil        float64 (7, nz, ny, nx), operator families only: diagonal
+                 and the six couplings (stencil.FACES order)
+  periodic       int8 (3,), (z, y, x) periodic axes (operator families)
 """
 import os
 
 import numpy as np
 import torch
 
-from ..operator import PoissonOperator
-from ..scenes import FLUID, make_flags
+from ..operator import PoissonOperator, StencilOperator
+from ..coefficients import scene_operator
+from ..scenes import FLUID
 from .lanczos import lanczos_ritz
 
 
 class Geometry:
     """One scene instance with its Ritz basis."""
 
-    def __init__(self, flags, open_faces, ritz_values, ritz_vectors, name=""):
+    def __init__(self, flags, open_faces, ritz_values, ritz_vectors, name="", stencil=None):
         self.flags = flags
+        self.stencil = stencil          # stencil.Stencil of an operator family, else None
         self.open_faces = set(open_faces)
         self.ritz_values = ritz_values
         self.ritz_vectors = torch.from_numpy(np.ascontiguousarray(ritz_vectors))
@@ -34,8 +39,17 @@ class Geometry:
     @property
     def op(self):
         if self._op is None:
-            self._op = PoissonOperator(self.flags, self.open_faces, dtype=torch.float32)
+            self._op = operator_of(self.flags, self.open_faces, self.stencil, torch.float32)
         return self._op
+
+    @property
+    def prepare_kw(self):
+        """MGNet.prepare's operator arguments for this geometry."""
+        if self.stencil is None:
+            return {}
+        st = self.stencil
+        return {"stencil": torch.from_numpy(np.concatenate([st.diag[None], st.coef])),
+                "periodic": st.periodic}
 
     def sample(self, batch, gen, low_fraction=0.5, low_weight=9.0):
         """Unit-norm vectors b = Σ c_j q_j, c ~ N(0,1), the lowest
@@ -56,6 +70,11 @@ def cache_name(scene, shape, seed, m):
     return f"{scene}-{nx}x{ny}x{nz}-s{seed}-m{m}.npz"
 
 
+def operator_of(flags, faces, st, dtype):
+    return (PoissonOperator(flags, faces, dtype=dtype) if st is None
+            else StencilOperator(st, dtype=dtype))
+
+
 def make_geometry(scene, shape, seed, m, cache_dir=None):
     """Geometry for (scene, shape (nz, ny, nx), seed) with m Lanczos steps,
     read from or written to `cache_dir`."""
@@ -64,9 +83,13 @@ def make_geometry(scene, shape, seed, m, cache_dir=None):
     if path and os.path.exists(path):
         with np.load(path, allow_pickle=False) as z:
             faces = [f for f in str(z["open_faces"]).split(",") if f]
-            return Geometry(z["flags"], faces, z["ritz_values"], z["ritz_vectors"], name)
-    flags, faces = make_flags(scene, shape, seed)
-    op = PoissonOperator(flags, faces, dtype=torch.float64)
+            st = None
+            if "stencil" in z.files:
+                from ..stencil import Stencil
+                st = Stencil(z["stencil"][0], z["stencil"][1:], tuple(bool(v) for v in z["periodic"]))
+            return Geometry(z["flags"], faces, z["ritz_values"], z["ritz_vectors"], name, st)
+    flags, faces, st = scene_operator(scene, shape, seed)
+    op = operator_of(flags, faces, st, torch.float64)
     idx = np.flatnonzero(flags.ravel() == FLUID)
     full = torch.zeros(flags.size, dtype=torch.float64)
 
@@ -79,7 +102,10 @@ def make_geometry(scene, shape, seed, m, cache_dir=None):
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npz"
+        extra = {} if st is None else {
+            "stencil": np.concatenate([st.diag[None], st.coef]),
+            "periodic": np.array(st.periodic, dtype=np.int8)}
         np.savez(tmp, flags=flags, open_faces=",".join(sorted(faces)),
-                 ritz_values=vals, ritz_vectors=vecs)
+                 ritz_values=vals, ritz_vectors=vecs, **extra)
         os.replace(tmp, path)
-    return Geometry(flags, faces, vals, vecs, name)
+    return Geometry(flags, faces, vals, vecs, name, st)

@@ -126,7 +126,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         gi = int(np.random.default_rng([seed, step]).integers(len(geos)))  # resumable
         g = geos[gi]
         b = g.sample(batch, gen).to(device)
-        geo = model.prepare(g.flags, g.dirichlet, device=device)
+        geo = model.prepare(g.flags, g.dirichlet, device=device, **g.prepare_kw)
         q = model(b[:, None], geo)[:, 0]
         loss = dcdm_loss(b, q, ops[gi])
         opt.zero_grad(set_to_none=True)
