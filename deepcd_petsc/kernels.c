@@ -312,3 +312,91 @@ void deepcd_mg_prolong(int D, int H, int W, const float *e, float scale, const f
             }
         }
 }
+
+/* ---- the V-cycle's passes for levels with coefficients (stencil.py) ----
+ * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of
+ * mgnet._FACES), zero on inactive rows and towards inactive cells; tapw:
+ * the smoothing taps' per-face weights, same layout. */
+static inline float coupled(const float *c, long u, int x, long N, long P, long W2,
+                            const float *k)
+{
+    return k[u + x] * c[x - P] + k[N + u + x] * c[x + P] + k[2 * N + u + x] * c[x - W2]
+           + k[3 * N + u + x] * c[x + W2] + k[4 * N + u + x] * c[x - 1]
+           + k[5 * N + u + x] * c[x + 1];
+}
+
+void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+                      const float *coef, float *sp, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(xp, z, y, H2, W2);
+            float *so = ROW(sp, z, y, H2, W2);
+#pragma omp simd
+            for (int x = 0; x < W; x++)
+                so[x] = (coupled(c, u, x, N, P, W2, coef) + b[u + x]) * dinv[u + x] - c[x];
+        }
+}
+
+static inline float smooth_update_c(const float *c, long u, int x, long N, long P, long W2,
+                                    const float *w, const float *tw, float g)
+{
+    return (c[x] * w[0] + w[1] * tw[u + x] * c[x - P] + w[2] * tw[N + u + x] * c[x + P]
+            + w[3] * tw[2 * N + u + x] * c[x - W2] + w[4] * tw[3 * N + u + x] * c[x + W2]
+            + w[5] * tw[4 * N + u + x] * c[x - 1] + w[6] * tw[5 * N + u + x] * c[x + 1]) * g;
+}
+
+void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *tapw,
+                     const float *g, float *xp, int first, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(sp, z, y, H2, W2);
+            float *xo = ROW(xp, z, y, H2, W2);
+            if (first) {
+#pragma omp simd
+                for (int x = 0; x < W; x++)
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, tapw, g[u + x]);
+            } else {
+#pragma omp simd
+                for (int x = 0; x < W; x++)
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, tapw, g[u + x]);
+            }
+        }
+}
+
+/* cb = the 2x2x2 average of r = b − A x, times the coarse mask */
+void deepcd_mgc_restrict(int D, int H, int W, const float *xp, const float *b, const float *diag,
+                         const float *coef, const float *cmask, float *cb, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+    int Dc = D / 2, Hc = H / 2, Wc = W / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int Z = 0; Z < Dc; Z++)
+        for (int Y = 0; Y < Hc; Y++) {
+            float acc[Wc > 0 ? Wc : 1];
+            for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
+            for (int dz = 0; dz < 2; dz++)
+                for (int dy = 0; dy < 2; dy++) {
+                    int z = 2 * Z + dz, y = 2 * Y + dy;
+                    long u = ((long)z * H + y) * W;
+                    const float *c = ROW(xp, z, y, H2, W2);
+#pragma omp simd
+                    for (int X = 0; X < Wc; X++) {
+                        int x = 2 * X;
+                        float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                        float r1 = b[u + x + 1]
+                                   - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef));
+                        acc[X] += r0 + r1;
+                    }
+                }
+            long v = ((long)Z * Hc + Y) * Wc;
+            for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * 0.125f * cmask[v + X];
+        }
+}

@@ -78,6 +78,10 @@ MG_SIGNATURES = {
     "deepcd_mg_step_out": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int, _v, _int],
     "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
     "deepcd_mg_prolong": [_int, _int, _int, _v, _f, _v, _v, _int],
+    # levels with coefficients (stencil.py)
+    "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
+    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int],
+    "deepcd_mgc_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
 }
 
 
@@ -514,6 +518,18 @@ class CKernels:
         self.lib.deepcd_mg_restrict(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
                                     fluid.data_ptr(), cmask.data_ptr(), cb.data_ptr(),
                                     self.nt())
+
+    def resid_c(self, xp, b, dinv, coef, sp):
+        self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
+                                  coef.data_ptr(), sp.data_ptr(), self.nt())
+
+    def step_c(self, sp, w, tapw, g, xp, first):
+        self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), tapw.data_ptr(),
+                                 g.data_ptr(), xp.data_ptr(), int(first), self.nt())
+
+    def restrict_c(self, xp, b, diag, coef, cmask, cb):
+        self.lib.deepcd_mgc_restrict(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
+                                     coef.data_ptr(), cmask.data_ptr(), cb.data_ptr(), self.nt())
 
     def prolong(self, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong(*fluid.shape, e.data_ptr(), float(scale), fluid.data_ptr(),

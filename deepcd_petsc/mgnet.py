@@ -154,7 +154,11 @@ class WrapPad:
         self.periodic = tuple(bool(p) for p in periodic)      # (z, y, x)
 
     def __call__(self, x, w):
-        p = F.pad(x, (w,) * 6)
+        return self.fill(F.pad(x, (w,) * 6), w)
+
+    def fill(self, p, w):
+        """Wrap the w-cell border of an already padded field in place (the
+        fused kernels' buffers); other borders are left as they are (zero)."""
         for axis, per in zip((-3, -2, -1), self.periodic):
             if per:
                 n = p.shape[axis]
@@ -497,29 +501,51 @@ class MGNet(nn.Module):
             return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
-        e = self._cycle(geo, l + 1, pool2(r) * self._coarse_mask(geo, l, whole), whole)
+        e, w = self._coarse(geo, l, pool2(r) * self._coarse_mask(geo, l, whole), whole)
         e = F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
-        if "coef" in lv and geo.get("adaptive", ADAPTIVE):
-            x = x + self._energy_step(geo, lv, e, r, halo, whole) * e
-        else:
-            x = x + self.coarse_scale[l].to(x.dtype) * e
+        x = x + (self.coarse_scale[l].to(x.dtype) if w is None else w) * e
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
-    def _energy_step(self, geo, lv, e, r, halo, whole):
-        """The coarse correction's energy-optimal weight eᵀr / eᵀAe (per
-        field of the batch), times ADAPTIVE: with coefficients no fixed
-        weight fits every operator (the flag scenes' learned 4 over-corrects
-        jumps, 2 under-corrects isotropic levels). Scale-free, so the
-        network stays positively homogeneous; global sums on several ranks."""
-        ae = self._apply_A(lv, e, halo)
+    def _coarse(self, geo, l, cb, whole, kern=None):
+        """(e, w): level l+1's correction for the restricted residual cb (in
+        level l's layout: this rank's block, or the whole level) and its
+        weight, or None for the learned one (flags levels). `kern`: the
+        fused kernels' (D, H, W) fields instead of (N, 1, D, H, W)."""
+        if geo["levels"][l + 1]["gathered"] and not whole:
+            gather = (lambda t: geo["halo"].gather_level(t[None, None], l + 1)[0, 0]) if kern \
+                else (lambda t: geo["halo"].gather_level(t, l + 1))
+            e, w = self._coarse(geo, l, gather(cb), True, kern)
+            return geo["halo"].own_block(e, l + 1), w
+        if kern is None:
+            e = self._cycle(geo, l + 1, cb, whole)
+        else:
+            e = self._cycle_fused(geo, l + 1, cb, kern, whole)
+        lc = geo["levels"][l + 1]
+        if "coef" not in lc or not geo.get("adaptive", ADAPTIVE):
+            return e, None
+        return e, self._energy_step(geo, lc, e, cb, whole, kern is not None)
+
+    def _energy_step(self, geo, lc, e, cb, whole, flat=False):
+        """ADAPTIVE × the coarse correction's energy-optimal weight
+        eᵀr / eᵀAe, with e = P e_c and r the fine residual, computed on the
+        coarse level (per field of a batch): Pᵀr = 8·cb (cb the average)
+        and PᵀAP = GALERKIN_FACTOR·A_c. With coefficients no fixed weight
+        fits every operator (the flag scenes' learned 4 over-corrects jumps,
+        2 under-corrects isotropic levels). Scale-free, so the network stays
+        positively homogeneous; global sums on several ranks."""
+        if flat:
+            e, cb = e[None, None], cb[None, None]
+        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
+        ae = self._apply_A(lc, e, halo)
         dims = tuple(range(1, e.dim()))
-        num = (e * r).sum(dims)
-        den = (e * ae).sum(dims)
+        num = 8 * (e * cb).sum(dims)
+        den = GALERKIN_FACTOR * (e * ae).sum(dims)
         if geo["halo"] is not None and not whole:
             both = geo["halo"].allreduce(torch.stack([num, den]))
             num, den = both[0], both[1]
         w = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
-        return (w * geo.get("adaptive", ADAPTIVE)).view(-1, *([1] * (e.dim() - 1)))
+        w = w * geo.get("adaptive", ADAPTIVE)
+        return float(w) if flat else w.view(-1, *([1] * (e.dim() - 1)))
 
     def forward(self, r, geo, reuse=False):
         """r: (N, 1, D, H, W) residual (any scale); geo from prepare().
@@ -561,7 +587,7 @@ class MGNet(nn.Module):
                            for t in (r, out)):
             return False
         k = self._kernels(geo, lv["fluid"])
-        if k is None or lv["fluid"].device.type != "cpu":
+        if k is None or lv["fluid"].device.type != "cpu" or "coef" in lv:
             return False
         f = self._fields(lv)
         if "b" not in f:
@@ -578,8 +604,10 @@ class MGNet(nn.Module):
         field: no halo) where Triton is installed. net.fused = "triton"
         forces Triton (on CPU tensors under TRITON_INTERPRET=1: tests)."""
         if not self.fused or torch.is_grad_enabled() or b.dtype != torch.float32 \
-                or b.shape[:2] != (1, 1) or "coef" in geo["levels"][0]:
+                or b.shape[:2] != (1, 1):
             return None
+        if "coef" in geo["levels"][0] and (self.fused == "triton" or b.device.type != "cpu"):
+            return None      # coefficient levels: kernels.c only
         if self.fused == "triton" or (b.device.type == "cuda" and geo["halo"] is None
                                       and self.triton_error is None):
             try:
@@ -612,6 +640,9 @@ class MGNet(nn.Module):
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
                 "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
                 "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev)}
+            for k in ("coef", "tapw"):
+                if k in lv:
+                    f[k] = lv[k][0].contiguous()
         return f
 
     @staticmethod
@@ -625,18 +656,25 @@ class MGNet(nn.Module):
         last = len(f["gates"][k]) - 1
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
+            coef = "coef" in f
             if first:
                 kern.first(b, f["dinv"], sp)
             else:
                 if halo is not None:
                     halo.fill(xp, 1)
-                kern.resid(xp, b, f["dinv"], sp)
+                if coef:
+                    kern.resid_c(xp, b, f["dinv"], f["coef"], sp)
+                else:
+                    kern.resid(xp, b, f["dinv"], sp)
             if halo is not None:
                 halo.fill(sp, 1)
             if out is not None and i == last and not first:
                 kern.step_out(sp, w[i], g, xp, out)
                 return out
-            kern.step(sp, w[i], g, xp, first)
+            if coef:
+                kern.step_c(sp, w[i], f["tapw"], g, xp, first)
+            else:
+                kern.step(sp, w[i], g, xp, first)
         if out is not None:
             return out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         return xp[1:-1, 1:-1, 1:-1]
@@ -651,7 +689,7 @@ class MGNet(nn.Module):
             b = geo["halo"].gather_level(b[None, None], l)[0, 0]
             x = self._cycle_fused(geo, l, b, kern, whole=True)
             return geo["halo"].own_block(x, l)
-        halo = None if whole else geo["halo"]
+        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
         f = self._fields(lv)
         if l == geo["L"] - 1:
             if "dense" in lv:
@@ -665,7 +703,11 @@ class MGNet(nn.Module):
         if "cmask" not in f:
             f["cmask"] = self._coarse_mask(geo, l, whole)[0, 0].contiguous()
         cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device=b.device)
-        kern.restrict(xp, b, f["diag"], f["fluid"], f["cmask"], cb)
-        e = self._cycle_fused(geo, l + 1, cb, kern, whole).contiguous()
-        kern.prolong(e, float(self.coarse_scale[l]), f["fluid"], xp)
+        if "coef" in f:
+            kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
+        else:
+            kern.restrict(xp, b, f["diag"], f["fluid"], f["cmask"], cb)
+        e, wgt = self._coarse(geo, l, cb, whole, kern)
+        kern.prolong(e.contiguous(), float(self.coarse_scale[l]) if wgt is None else wgt,
+                     f["fluid"], xp)
         return self._smooth_fused(kern, f, 1, b, halo, False, out)

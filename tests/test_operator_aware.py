@@ -283,3 +283,29 @@ def test_ex45_anisotropic_grid_not_worse_than_gamg(grid, tmp_path):
     finally:
         for o in (A, b, da):
             o.destroy()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_fused_coefficient_kernels_equal_torch(fam):
+    """kernels.c's coefficient passes (mgc_resid, mgc_step, mgc_restrict)
+    and the coarse-level energy weight give the torch path's result."""
+    import numpy as np
+    from deepcd_petsc import kernels, stencil
+    if kernels.vcycle_kernels() is None:
+        pytest.skip(kernels.status())
+    p = Problem.from_scene(fam, (16, 16, 16), seed=9, comm=PETSc.COMM_SELF)
+    try:
+        st = stencil.from_aij(p.da, p.A, (16, 16, 16))
+    finally:
+        p.destroy()
+    net, _ = load_model()
+    s7 = torch.as_tensor(np.concatenate([st.diag[None], st.coef]))
+    with torch.inference_mode():
+        geo = net.prepare(torch.as_tensor(p.flags), None, stencil=s7, periodic=st.periodic)
+        assert net.kernels_name(geo) == "fused C kernels"
+        r = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+        net.fused = False
+        y0 = net(r, geo)
+        net.fused = True
+        y1 = net(r, geo)
+    assert ((y0 - y1).norm() / y0.norm()) < 1e-4
