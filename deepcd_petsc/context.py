@@ -2,6 +2,7 @@
 grid and cell flags, and the network evaluator. Geometry comes from (in
 order) deepcd_petsc.set_flags(), or is derived from the operator's rows;
 the grid from the DMDA attached to the KSP/PC, or -<prefix>_dcdm_grid."""
+import hashlib
 import time
 
 import numpy as np
@@ -35,8 +36,8 @@ class NetworkContext:
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
         self.torch_device = None
-        self.derived = None        # (flags, dirichlet, decoupled rows, stencil) read off that operator
-        self.stencil = None        # (7, zm, ym, xm) diag + couplings when the network reads them
+        self.derived = None        # (flags, dirichlet, decoupled rows, stencil digest) read off that operator
+        self.stencil = None        # (7, zm, ym, xm) diag + couplings for the network, until it is built
         self.periodic = None       # (z, y, x) periodic axes of that stencil
         self.operator_path = None  # what the network's levels apply (-ksp_view)
 
@@ -125,6 +126,7 @@ class NetworkContext:
                                               DTYPES[self.dtype], self.torch_device,
                                               stencil_local=self.stencil,
                                               periodic=self.periodic)
+            self.stencil = None    # the network holds its own float32 copy
         finally:
             if own:
                 da.destroy()
@@ -255,8 +257,9 @@ class NetworkContext:
         self._dirichlet_rows(A, rows, scale)
         if self.rows_dinv is not None:
             self.geometry_source += ", with Dirichlet rows (solved by their diagonal)"
-        self.derived = (flags, dirichlet, rows,
-                        self.stencil if self.stencil is not None else np.zeros(0))
+        # the stencil by digest: a float64 copy would cost 56 bytes per cell
+        digest = "" if self.stencil is None else hashlib.sha256(self.stencil.tobytes()).hexdigest()
+        self.derived = (flags, dirichlet, rows, np.array(digest))
         return flags, dirichlet
 
     def _operator_stencil(self, da, A, local, flags):
