@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 
-from .solvers import BASELINES, baseline_options, run_ksp
+from .solvers import BASELINES, baseline_options, baseline_unavailable, run_ksp
 from .tables import markdown_table
 
 NETWORK_SOLVERS = {
@@ -72,14 +72,32 @@ def machine_info(comm):
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def unavailable_solvers(solvers, comm=None):
+    """{name: why} for the solvers this PETSc build cannot run (a baseline
+    whose preconditioner it was configured without, e.g. hypre)."""
+    out = {}
+    for name in solvers:
+        why = baseline_unavailable(name, comm) if name in BASELINES else None
+        if why:
+            out[name] = why
+    return out
+
+
 def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
-          threads=None, northo=None, log=print):
+          threads=None, northo=None, log=print, skipped=None):
     """List of result rows, one per (scene, size, solver): medians over
     `repeats` of set-up and solve time; the first repeat is a warm-up when
-    repeats > 1 (imports, model load, caches)."""
+    repeats > 1 (imports, model load, caches). Solvers this PETSc build
+    lacks are left out, logged, and added to `skipped` ({name: why})."""
     from petsc4py import PETSc
     from .problem import Problem
     comm = PETSc.COMM_WORLD
+    missing = unavailable_solvers(solvers, comm)
+    for name, why in missing.items():
+        log(f"{name}: unavailable ({why}), skipped")
+    if skipped is not None:
+        skipped.update(missing)
+    solvers = [s for s in solvers if s not in missing]
     rows = []
     for n in sizes:
         for scene in scenes:
@@ -135,14 +153,19 @@ HEADERS = ["scene", "n", "solver", "its", "set-up (s)", "solve (s)", "total (s)"
            "peak MB", "true res."]
 
 
-def write_report(rows, info, out_dir, command):
+def write_report(rows, info, out_dir, command, unavailable=None):
     os.makedirs(out_dir, exist_ok=True)
+    unavailable = dict(unavailable or {})
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump({"machine": info, "command": command, "results": rows}, f, indent=1)
+        json.dump({"machine": info, "command": command, "results": rows,
+                   "unavailable": unavailable}, f, indent=1)
     lines = [f"Command: `{command}`", "",
              f"Machine: {info['cpu']}, {info['ranks']} rank(s) x {info['torch_threads']} torch thread(s), "
              f"PETSc {info['petsc']}, torch {info['torch']}, {info['date']}", "",
              markdown_table(rows, COLUMNS, HEADERS), ""]
+    if unavailable:
+        lines += ["Unavailable in this PETSc build: " +
+                  "; ".join(f"{k} ({v})" for k, v in unavailable.items()), ""]
     br = [dict(scene=r["scene"], n=r["n"], **{k: round(v, 2) for k, v in r["breakdown_ms"].items()})
           for r in rows if "breakdown_ms" in r]
     if br:

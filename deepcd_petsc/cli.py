@@ -202,7 +202,11 @@ def cmd_info(a, petsc_args):
     PETSc = init_petsc(petsc_args)
     import numpy
     import petsc4py
+    from .petsc_compat import pc_type_available
     lines = [("PETSc", "%d.%d.%d" % PETSc.Sys.getVersion()),
+             ("PETSc build", f"{numpy.dtype(PETSc.IntType).itemsize * 8}-bit indices, "
+                             f"{numpy.dtype(PETSc.ScalarType)} scalars, hypre "
+                             f"{'yes' if pc_type_available('hypre') else 'no'}"),
              ("petsc4py", petsc4py.__version__),
              ("numpy", numpy.__version__)]
     try:
@@ -393,15 +397,17 @@ def cmd_bench(a, petsc_args):
     from .memory import tune_malloc
     tune_malloc()      # before any solver, so all run under the same allocator settings
     rank = PETSc.COMM_WORLD.getRank()
+    skipped = {}
     rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
                  a.rtol, a.model, a.threads, a.northo,
-                 log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None))
+                 log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
+                 skipped=skipped)
     if rank == 0:
         cmd = "deepcd " + " ".join(sys.argv[1:])
         size = PETSc.COMM_WORLD.getSize()
         if size > 1:
             cmd = f"mpiexec -n {size} " + cmd
-        text, plots = write_report(rows, machine_info(PETSc.COMM_WORLD), a.out, cmd)
+        text, plots = write_report(rows, machine_info(PETSc.COMM_WORLD), a.out, cmd, skipped)
         print(text)
         print(f"wrote {a.out}/bench.json, bench.md and {len(plots)} plot(s)")
     return 0

@@ -167,6 +167,7 @@ class NetworkContext:
         if self.evaluator.unscaled_ok(scale):
             scale = 1.0
         self.evaluator.apply(x, y, scale, views)
+        y.stateIncrease()   # torch wrote y's memory: PETSc must not reuse cached norms
         if self.rows_dinv is not None:
             self.work.pointwiseMult(self.rows_dinv, x)
             y.axpy(scale, self.work)
@@ -185,10 +186,10 @@ class NetworkContext:
         s = total / count if count > 0 else 1.0
         self.rows_dinv = A.createVecRight()
         A.getDiagonal(self.rows_dinv)
-        d = self.rows_dinv.getArray()
-        keep = rows.ravel() & (d != 0)
-        d[keep] = s / d[keep]
-        d[~keep] = 0.0
+        with self.rows_dinv as d:     # restored with a new state (no cached norms)
+            keep = rows.ravel() & (d != 0)
+            d[keep] = s / d[keep]
+            d[~keep] = 0.0
         self.work = self.rows_dinv.duplicate()
 
     def _device(self, comm):
@@ -374,7 +375,8 @@ def geometry_from_operator(da, A, local, with_rows=False):
     marks.destroy()
     # air: non-fluid cells with a fluid neighbour that has a Dirichlet part
     g = da.createGlobalVec()
-    g.getArray()[...] = (dirichlet > 0).astype(float)
+    with g as ga:
+        ga[...] = (dirichlet > 0).astype(float)
     loc = da.createLocalVec()
     da.globalToLocal(g, loc)
     (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()

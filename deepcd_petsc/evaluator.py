@@ -190,6 +190,7 @@ class NetworkEvaluator:
         self._to_blocks(x)
         wa = self.work.getArray().reshape(self.real_shape)
         self._apply_block(wa, wa, scale)
+        self.work.stateIncrease()   # written through its array (PETSc 3.26 does not see it)
         self.scatter.scatter(self.work, y, PETSc.InsertMode.INSERT, PETSc.ScatterMode.REVERSE)
 
     def _apply_block(self, xa, ya, scale):

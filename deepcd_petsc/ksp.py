@@ -21,6 +21,7 @@ from . import kernels
 from .context import NetworkContext
 from .errors import SetupError, reported
 from .evaluate import DEFAULT_NORTHO
+from .petsc_compat import null_space
 from .workspace import VecView, Workspace
 
 
@@ -88,6 +89,7 @@ class DCDM(NetworkContext):
         self.reset_network()
         self._free_workspace()
 
+    @reported
     def view(self, ksp, viewer):
         viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s), "
                            f"safeguard = Jacobi-preconditioned residual "
@@ -144,7 +146,7 @@ class DCDM(NetworkContext):
             self.ws = None
 
     def _iterate(self, ksp, A, b, x, ws):
-        nullsp = A.getNullSpace()
+        nullsp = null_space(A)     # None without one (petsc4py returns an empty handle)
         r, rt = ws.vecs[0], ws.rows[0]
         if ksp.getInitialGuessNonzero():
             if nullsp is not None:

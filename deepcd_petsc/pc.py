@@ -39,11 +39,13 @@ class NetworkPC(NetworkContext):
     def destroy(self, pc):
         self.reset_network()
 
+    @reported
     def view(self, pc, viewer):
         viewer.printfASCII("  DCDM network as a variable (non-symmetric) preconditioner: "
                            "use with fcg, gcr or fgmres\n")
         self.view_network(viewer)
 
+    @reported
     def preSolve(self, pc, ksp, b, x):
         t = ksp.getType()
         self.ksp_type = t

@@ -190,18 +190,22 @@ class Problem:
         vecs = []
         for lab in closed:
             v = self.da.createGlobalVec()
-            v.getArray().reshape(loc.shape)[...] = (loc == lab) / np.sqrt(counts[lab])
+            with v as arr:          # restores the array and increases the state
+                arr.reshape(loc.shape)[...] = (loc == lab) / np.sqrt(counts[lab])
             vecs.append(v)
         return PETSc.NullSpace().create(vectors=vecs, comm=self.da.getComm())
 
     def _rhs(self, seed, rhs_file):
         b = self.da.createGlobalVec()
-        arr = b.getArray().reshape(self.local_flags.shape)
-        if rhs_file is not None:
-            arr[...] = self._load_rhs(rhs_file)
-        else:
-            arr[...] = divergence_rhs(self.pflags, self.box, self.shape, seed)
-        arr[self.local_flags != FLUID] = 0.0
+        # written through `with`: PETSc 3.26 does not see writes through a
+        # bare getArray() (b.norm() returned the cached norm of the zeros)
+        with b as barr:
+            arr = barr.reshape(self.local_flags.shape)
+            if rhs_file is not None:
+                arr[...] = self._load_rhs(rhs_file)
+            else:
+                arr[...] = divergence_rhs(self.pflags, self.box, self.shape, seed)
+            arr[self.local_flags != FLUID] = 0.0
         norm0 = b.norm()
         if self.nullspace is not None:
             self.nullspace.remove(b)
@@ -242,7 +246,7 @@ class Problem:
         out = None
         if self.da.getComm().getRank() == 0:
             nx, ny, nz = self.shape
-            out = seq.getArray().reshape(nz, ny, nx).copy()
+            out = seq.getArray(readonly=True).reshape(nz, ny, nx).copy()
         for o in (scatter, seq, nat):
             o.destroy()
         return out

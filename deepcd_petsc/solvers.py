@@ -5,6 +5,7 @@ import statistics
 import time
 
 from .errors import petsc_errors
+from .petsc_compat import set_dm_inactive
 
 # PETSc's classical solvers for SPD Poisson systems, as option sets.
 # "icc" becomes block Jacobi with ICC(0) blocks in parallel.
@@ -28,6 +29,18 @@ def reason_name(reason):
         if v == reason and not k.startswith("_") and k != "ITERATING":
             return k
     return str(reason)
+
+
+def baseline_unavailable(name, comm=None):
+    """Why the named baseline cannot run with this PETSc build (its
+    preconditioner was not configured in, e.g. hypre), or None."""
+    from .petsc_compat import pc_type_available
+    pc = BASELINES.get(name, {}).get("pc_type")
+    if pc and not pc_type_available(pc, comm):
+        from petsc4py import PETSc
+        return (f"PETSc {'.'.join(map(str, PETSc.Sys.getVersion()))} here was built without "
+                f"PC type {pc!r}")
+    return None
 
 
 def baseline_options(name, problem):
@@ -85,7 +98,7 @@ def run_ksp(problem, prefix="", options=None, x0=None, keep=False, history=False
         ksp.setOptionsPrefix(prefix)
         ksp.setOperators(problem.A)
         ksp.setDM(problem.da)
-        ksp.setDMActive(False)
+        set_dm_inactive(ksp)     # A and b are the problem's; the DMDA describes the grid
         ksp.setType("cg")
         ksp.getPC().setType("jacobi")
         with petsc_errors("invalid solver options"):

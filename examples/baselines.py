@@ -22,12 +22,17 @@ petsc4py.init([sys.argv[0]] + petsc_args)
 from petsc4py import PETSc  # noqa: E402
 
 from deepcd_petsc.problem import Problem  # noqa: E402
-from deepcd_petsc.solvers import baseline_options, run_ksp  # noqa: E402
+from deepcd_petsc.solvers import baseline_options, baseline_unavailable, run_ksp  # noqa: E402
 from deepcd_petsc.tables import markdown_table  # noqa: E402
 
 problem = Problem.from_scene(args.scene, (args.n,) * 3, seed=args.seed)
 rows = []
+skipped = []
 for name in args.solvers.split(","):
+    why = baseline_unavailable(name)
+    if why:                      # e.g. cg+hypre on a PETSc built without hypre
+        skipped.append(f"{name}: unavailable ({why})")
+        continue
     opts = baseline_options(name, problem)
     opts["ksp_rtol"] = args.rtol
     prefix = name.replace("+", "_") + "_"
@@ -39,4 +44,6 @@ if PETSc.COMM_WORLD.getRank() == 0:
           f"{PETSc.COMM_WORLD.getSize()} rank(s), rtol {args.rtol}")
     print(markdown_table(rows, ["solver", "iterations", "reason", "true_residual",
                                 "setup_s", "solve_s", "total_s"]))
+    for line in skipped:
+        print(line)
 problem.destroy()

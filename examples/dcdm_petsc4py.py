@@ -21,6 +21,7 @@ petsc4py.init([sys.argv[0]] + rest)
 from petsc4py import PETSc  # noqa: E402
 
 import deepcd_petsc  # noqa: E402
+from deepcd_petsc.petsc_compat import set_dm_inactive  # noqa: E402
 from deepcd_petsc.problem import Problem  # noqa: E402
 from deepcd_petsc.scenes import make_flags  # noqa: E402
 
@@ -33,7 +34,8 @@ problem = Problem(flags, open_faces, seed=11)   # DMDA + assembled A + b
 ksp = PETSc.KSP().create(problem.da.getComm())
 ksp.setOperators(problem.A)
 ksp.setDM(problem.da)
-ksp.setDMActive(False)          # A and b are ours; the DMDA only describes the grid
+set_dm_inactive(ksp)            # A and b are ours; the DMDA only describes the grid
+                                # (KSPSetDMActive false; its signature changed in 3.25)
 if args.pc:
     ksp.setType("fcg")
     pc = ksp.getPC()

@@ -99,7 +99,7 @@ def ex45_system(n, comm=None):
     da = PETSc.DMDA().create([n, n, n], dof=1, stencil_width=1,
                              stencil_type=PETSc.DMDA.StencilType.STAR, comm=comm)
     h = 1.0 / (n - 1)
-    A = da.createMatrix()
+    A = da.createMat()          # DMDA.createMatrix is gone in petsc4py 3.26
     b = da.createGlobalVec()
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
     barr = da.getVecArray(b)
@@ -117,5 +117,7 @@ def ex45_system(n, comm=None):
                     col.index = (i + di, j + dj, k + dk)
                     A.setValueStencil(row, col, -h)
                 barr[i, j, k] = h ** 3
+    del barr
+    b.stateIncrease()           # written through an array view: no cached norms (3.26)
     A.assemble()
     return da, A, b

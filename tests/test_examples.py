@@ -22,6 +22,22 @@ def test_baselines_table():
         assert float(cells[3]) <= 1e-6, row  # true residual at the default rtol
 
 
+def test_baselines_hypre_present_or_reported():
+    """cg+hypre runs where PETSc has hypre (Debian's) and is reported as
+    unavailable, not crashed on, where it has not (the PyPI build)."""
+    from deepcd_petsc.petsc_compat import pc_type_available
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "baselines.py"),
+                        "--scene", "smoke", "--n", "8", "--solvers", "cg+jacobi,cg+hypre"],
+                       capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    body = [l for l in r.stdout.splitlines() if l.startswith("| ")][1:]
+    if pc_type_available("hypre"):
+        assert [l.split("|")[1].strip() for l in body] == ["cg+jacobi", "cg+hypre"], r.stdout
+    else:
+        assert [l.split("|")[1].strip() for l in body] == ["cg+jacobi"], r.stdout
+        assert "cg+hypre: unavailable (" in r.stdout and "'hypre'" in r.stdout, r.stdout
+
+
 def _petsc4py_example(*args, ranks=1):
     import re
     from helpers import run_mpi

@@ -54,9 +54,10 @@ def test_operator_equals_petsc_matrix(scene, seed):
         y = pb.A.createVecLeft()
         rng = np.random.default_rng(seed)
         xa = rng.standard_normal(flags.size)
-        x.getArray()[:] = xa
+        with x as xarr:
+            xarr[:] = xa
         pb.A.mult(x, y)
-        ref = y.getArray().copy()
+        ref = y.getArray(readonly=True).copy()
         x.destroy()
         y.destroy()
     finally:

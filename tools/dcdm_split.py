@@ -27,6 +27,7 @@ def main():
                   + petsc_args)
     from petsc4py import PETSc
     from deepcd_petsc.context import set_flags
+    from deepcd_petsc.petsc_compat import set_dm_inactive
     from deepcd_petsc.problem import Problem
     p = Problem.from_scene(a.scene, (a.n,) * 3, seed=a.seed)
     ksp = PETSc.KSP().create()
@@ -34,7 +35,7 @@ def main():
     try:
         ksp.setOperators(p.A)
         ksp.setDM(p.da)
-        ksp.setDMActive(False)
+        set_dm_inactive(ksp)
         ksp.setFromOptions()
         set_flags(ksp, p.flags, p.open_faces)
         rows = []

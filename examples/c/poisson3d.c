@@ -110,7 +110,12 @@ int main(int argc, char **argv)
   PetscCall(KSPCreate(PETSC_COMM_WORLD, &ksp));
   PetscCall(KSPSetOperators(ksp, A, A));
   PetscCall(KSPSetDM(ksp, da));              /* the grid, for DCDM's network */
-  PetscCall(KSPSetDMActive(ksp, PETSC_FALSE)); /* operators and rhs are ours */
+  /* operators and rhs are ours; PETSc 3.25 added which uses to turn off */
+#if PETSC_VERSION_GE(3, 25, 0)
+  PetscCall(KSPSetDMActive(ksp, KSP_DMACTIVE_ALL, PETSC_FALSE));
+#else
+  PetscCall(KSPSetDMActive(ksp, PETSC_FALSE));
+#endif
   PetscCall(KSPSetType(ksp, KSPCG));
   PetscCall(KSPSetNormType(ksp, KSP_NORM_UNPRECONDITIONED));
   PetscCall(KSPSetFromOptions(ksp));

@@ -47,7 +47,8 @@ def evaluate(net, dtype, p, x_global):
     x = p.da.createGlobalVec()
     y = x.duplicate()
     try:
-        x.getArray().reshape(flags.shape)[...] = local_block(p, x_global)
+        with x as xa:
+            xa.reshape(flags.shape)[...] = local_block(p, x_global)
         y.set(np.nan)   # every entry must be written
         ev.apply(x, y, scale=SCALE)
         # the input is untouched
@@ -132,7 +133,8 @@ def check_geometry(serial, scene, shape, seed):
         nat = []
         for arr in (flags.astype(float), dirichlet):
             v = p.da.createGlobalVec()
-            v.getArray().reshape(p.local_flags.shape)[...] = arr
+            with v as va:
+                va.reshape(p.local_flags.shape)[...] = arr
             nat.append(p.to_natural(v))
             v.destroy()
         if rank == 0:

@@ -7,6 +7,7 @@ import sys
 from mpisetup import PETSc, comm, size  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from helpers import ex45_system  # noqa: E402
+from deepcd_petsc.petsc_compat import set_dm_inactive  # noqa: E402
 
 da, A, b = ex45_system(int(sys.argv[1]) if len(sys.argv) > 1 else 33, comm)
 opts = PETSc.Options()
@@ -15,7 +16,7 @@ for k, v in {"ksp_type": "python", "ksp_python_type": "deepcd_petsc.DCDM", "ksp_
 ksp = PETSc.KSP().create(comm)
 ksp.setOperators(A)
 ksp.setDM(da)
-ksp.setDMActive(False)
+set_dm_inactive(ksp)
 ksp.setFromOptions()
 x = b.duplicate()
 x.set(0.0)

@@ -18,6 +18,7 @@ import traceback
 
 from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
+from deepcd_petsc.petsc_compat import set_dm_inactive  # noqa: E402
 from deepcd_petsc.problem import Problem  # noqa: E402
 from deepcd_petsc.scenes import SOLID  # noqa: E402
 from deepcd_petsc.solvers import clear_options, reason_name, run_ksp, set_options  # noqa: E402
@@ -41,7 +42,7 @@ def solve_plain(A, problem, prefix, opts):
         ksp.setOptionsPrefix(prefix)
         ksp.setOperators(A)
         ksp.setDM(problem.da)
-        ksp.setDMActive(False)
+        set_dm_inactive(ksp)
         ksp.setFromOptions()
         x.set(0.0)
         ksp.solve(problem.b, x)

@@ -61,7 +61,8 @@ def run_case(scene, shape, procs):
     # A x = stencil x on the block, for a random x
     x = p.da.createGlobalVec()
     y = x.duplicate()
-    x.getArray()[...] = np.random.default_rng([rank, 11]).standard_normal(x.getLocalSize())
+    with x as xa:
+        xa[...] = np.random.default_rng([rank, 11]).standard_normal(x.getLocalSize())
     p.A.mult(x, y)
     ref = y.getArray(readonly=True).reshape(local)
     err = np.abs(st.apply(ghosted(p.da, x, local)) - ref).max(initial=0.0)
