@@ -1,14 +1,28 @@
 # make demo | make test | make bench -- each creates .venv first when missing
+# make test-petsc-latest -- the suite against PETSc/petsc4py 3.26.1 built from
+#   PyPI into ~/.cache/deepcd-petsc-3.26 (once, ~25 min on 2 cores; see README)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# test files for test-petsc-latest (default: all of tests/)
+LATEST_TESTS ?= tests
 
-.PHONY: env test demo bench clean
+.PHONY: env test demo bench clean petsc-latest test-petsc-latest
 
 env:
 	@VENV=$(VENV) sh tools/bootstrap.sh
 
 test: env
 	$(PY) -m pytest -q tests
+
+# the cached PETSc 3.26.1 venv (built when missing; a second run only checks it)
+petsc-latest:
+	@bash tools/petsc_latest.sh
+
+# the repository on PYTHONPATH (the venv serves every checkout); the C
+# example links the pip-built PETSc (tests read petsc4py.get_config())
+test-petsc-latest: petsc-latest
+	PY=$$(bash tools/petsc_latest.sh --print) && \
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $$PY -m pytest -q $(LATEST_TESTS)
 
 # DCDM and the network PC next to PETSc's classical solvers on a 64^3 obstacle scene
 demo: env
