@@ -282,6 +282,16 @@ def _ints(text, what):
     return vals
 
 
+def _flags_only_check(unet, scenes):
+    """The U-Net reads cell flags only: the operator families need the
+    V-cycle network."""
+    from .scenes import FAMILY_SCENES
+    fam = [s for s in scenes if s in FAMILY_SCENES]
+    if unet and fam:
+        raise UserError(f"the U-Net reads cell flags only; scenes {', '.join(fam)} need the "
+                        "V-cycle network (--arch vcycle)")
+
+
 def _scenes(text):
     from .scenes import FAMILY_SCENES, GENERATORS
     known = list(GENERATORS) + list(FAMILY_SCENES)
@@ -325,6 +335,7 @@ def cmd_train(a, petsc_args):
         raise UserError("--channels applies to --arch unet only")
     if a.channels:
         config["channels"] = _ints(a.channels, "--channels")
+    _flags_only_check(a.arch == "unet" and not a.init, _scenes(a.scenes))
     try:
         net, meta = train(a.out, n=sizes if len(sizes) > 1 else sizes[0], scenes=_scenes(a.scenes),
                           steps=a.steps, time_budget=a.time_budget, seed=a.seed,
@@ -364,6 +375,8 @@ def cmd_evaluate(a, petsc_args):
     sizes = _ints(a.sizes, "--sizes")
     if min(sizes) < 4:
         raise UserError("sizes must be >= 4")
+    from .mgnet import MGNet
+    _flags_only_check(not isinstance(net, MGNet), _scenes(a.scenes))
 
     def show(row):
         print(f"  {row['scene']:8s} n={row['n']:4d} seed={row['seed']}: DCDM {row['dcdm']}"

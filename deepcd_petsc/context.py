@@ -119,6 +119,7 @@ class NetworkContext:
             if rebuild:
                 if self._same_geometry(before, A):
                     self.op_state = state   # re-assembled, same obstacles: keep the network
+                    self.stencil = None
                     return
                 self.evaluator.destroy()
                 self.evaluator = None
@@ -252,37 +253,55 @@ class NetworkContext:
                                f"(nz, ny, nx) = {(nz, ny, nx)}")
         self.geometry_source = "derived from the operator"
         flags, dirichlet, rows, scale = geometry_from_operator(da, A, local, with_rows=True)
-        flags = self._operator_stencil(da, A, local, flags)
+        flags = self._operator_stencil(da, A, local, flags, dirichlet)
         if self.stencil is not None:
             scale = (1.0, 1)   # the network applies A's own scale
         self._dirichlet_rows(A, rows, scale)
         if self.rows_dinv is not None:
             self.geometry_source += ", with Dirichlet rows (solved by their diagonal)"
-        # the stencil by digest: a float64 copy would cost 56 bytes per cell
-        digest = "" if self.stencil is None else hashlib.sha256(self.stencil.tobytes()).hexdigest()
+        # the stencil by digest (a float64 copy would cost 56 bytes per
+        # cell), scale-free: the network does not change with A's scale
+        digest = ""
+        if self.stencil is not None:
+            nz = np.abs(self.stencil[1:][self.stencil[1:] != 0])
+            ref = float(nz.max()) if nz.size else 1.0
+            digest = hashlib.sha256((self.stencil / ref).tobytes()).hexdigest()
         self.derived = (flags, dirichlet, rows, np.array(digest))
         return flags, dirichlet
 
-    def _operator_stencil(self, da, A, local, flags):
+    def _operator_stencil(self, da, A, local, flags, dirichlet):
         """Read A's 7-point stencil (AIJ rows, or probing a matrix-free A)
         and keep it for the network (self.stencil) unless A is a multiple
-        of the unit operator of its flags on every rank: that operator
-        the compact flags path (fused kernels) applies exactly. Returns the
-        flags to use (a probed operator's active rows)."""
+        of the operator the flags path builds, on every rank: that path
+        (fused kernels) applies it exactly. Returns the flags to use (a
+        probed operator's active rows). An error on one rank is raised on
+        all (the others would wait in the next collective)."""
         from . import stencil
+        from .mgnet import MGNet
         comm = A.getComm().tompi4py()
         self.stencil = self.periodic = None
-        if A.getType().endswith("aij"):
-            st = stencil.from_aij(da, A, local)
-            s = st.unit_scale(flags)
+        if not isinstance(self.net, MGNet):
+            self.operator_path = "unit 7-point operator of the cell flags (this model reads flags only)"
+            return flags
+        aij = A.getType().endswith("aij")
+        st, err = None, None
+        try:
+            st = stencil.from_aij(da, A, local) if aij else stencil.probe(da, A, local)
+        except SetupError as e:
+            err = str(e)
+        errs = [e for e in comm.allgather(err) if e]
+        if errs:
+            raise SetupError(errs[0])
+        if aij:
+            s = st.unit_scale(flags, dirichlet, _ghosted(da, flags))
             scales = comm.allgather(s)
-            if all(v is not None for v in scales) and \
-                    max(scales) - min(scales) <= 1e-8 * max(abs(v) for v in scales):
+            known = [v for v in scales if v is not None and v == v]
+            if all(v is not None for v in scales) and (
+                    not known or max(known) - min(known) <= 1e-8 * max(abs(v) for v in known)):
                 self.operator_path = "unit 7-point operator of the cell flags (scaled)"
                 return flags
             self.operator_path = "the operator's 7-point coefficients (AIJ), Galerkin coarse levels"
         else:
-            st = stencil.probe(da, A, local)
             flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
             self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
                                   "Galerkin coarse levels")
@@ -330,6 +349,23 @@ class NetworkContext:
                 p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
                   + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"
                      if ev.halo is not None else "") + "\n")
+
+
+def _ghosted(da, flags):
+    """This rank's flags with one ghost layer from the neighbours (SOLID
+    beyond the grid)."""
+    g = da.createGlobalVec()
+    with g as arr:
+        arr[...] = np.asarray(flags, dtype=float).ravel()
+    loc = da.createLocalVec()
+    da.globalToLocal(g, loc)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, ys, zs), (xm, ym, zm) = da.getCorners()
+    p = np.pad(loc.getArray(readonly=True).reshape(gzm, gym, gxm), 1, constant_values=SOLID)
+    g.destroy()
+    loc.destroy()
+    oz, oy, ox = zs - gzs, ys - gys, xs - gxs
+    return np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
 
 
 def geometry_from_operator(da, A, local, with_rows=False):

@@ -359,8 +359,12 @@ class MGNet(nn.Module):
         for l in range(L):
             if l > 0:
                 if sd is not None:
+                    scale = F.avg_pool3d((sd * fl.double()).abs(), 2) * 8
                     sd, sc = galerkin_coarsen(sd, sc, fl.double())
-                    fl = F.max_pool3d(fl, 2)
+                    # a closed pocket inside one aggregate coarsens to a zero
+                    # row (its constant is in A's null space): inactive
+                    dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
+                    fl = F.max_pool3d(fl, 2) * (~dead).float()
                     air = F.max_pool3d(air, 2) * (1 - fl)
                     open_ = F.max_pool3d(open_, 2) * fl     # shape only: unused here
                 else:
@@ -543,7 +547,9 @@ class MGNet(nn.Module):
         if geo["halo"] is not None and not whole:
             both = geo["halo"].allreduce(torch.stack([num, den]))
             num, den = both[0], both[1]
-        w = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+        pos = den > 0
+        # where, not clamp: 1e-300 is 0 in float32, and 0/0 poisons gradients
+        w = torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
         w = w * geo.get("adaptive", ADAPTIVE)
         return float(w) if flat else w.view(-1, *([1] * (e.dim() - 1)))
 

@@ -176,10 +176,10 @@ class DCDMNet(nn.Module):
         """Grid sizes are padded to a multiple of this (2^(levels-1))."""
         return 2 ** (self.levels - 1)
 
-    def multiple_for(self, shape):
+    def multiple_for(self, shape, periodic=None):
         return self.multiple
 
-    def levels_for(self, shape):
+    def levels_for(self, shape, periodic=None):
         return self.levels
 
     def describe(self, shape=None):

@@ -55,24 +55,37 @@ class Stencil:
         return self.diag * inner - self.coupled_to(x_padded)
 
     # -- comparisons ------------------------------------------------------
-    def unit_scale(self, flags):
-        """s when this stencil is s × the unit-coefficient operator that
-        `flags` describe on its fluid rows (then the compact flags path of
-        the network is exact), else None. Local answer."""
-        from .scenes import FLUID
+    def unit_scale(self, flags, dirichlet, flags_ghosted):
+        """s when this block is exactly s × the operator the network's flags
+        path builds from `flags` and the Dirichlet fraction (couplings 1 to
+        FLUID neighbours only; diagonal = non-solid neighbours + open faces
+        recovered from the fraction), so that compact path (fused kernels)
+        is exact; None otherwise; NaN on a block without fluid (no
+        opinion). `flags_ghosted`: the block's flags with one ghost layer."""
+        from .scenes import AIR, FLUID, SOLID
         if any(self.periodic):
             return None          # the flags path has no wrap-around
         fluid = np.asarray(flags) == FLUID
+        if not fluid.any():
+            return float("nan")
         c = self.coef[:, fluid]
         nz = c[c != 0]
         if nz.size == 0:
-            return 1.0
-        s = float(nz.mean())
-        if np.abs(nz - s).max() > 1e-8 * s:
             return None
-        # the Dirichlet part counts whole air neighbours / open faces
-        excess = (self.diag[fluid] - c.sum(0)) / s
-        if np.abs(excess - np.round(excess)).max(initial=0.0) > 1e-6:
+        s = float(nz.mean())
+        ns = np.zeros(fluid.shape)
+        ai = np.zeros(fluid.shape)
+        for f, (axis, step) in enumerate(FACES):
+            nb = _shift(flags_ghosted, axis, step)
+            if np.abs(self.coef[f][fluid] / s - (nb[fluid] == FLUID)).max() > 1e-8:
+                return None
+            ns += nb != SOLID
+            ai += nb == AIR
+        d = np.asarray(dirichlet, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            open_ = np.where(d < 1 - 1e-6, (d * ns - ai) / np.maximum(1 - d, 1e-6), 0.0)
+        want = np.maximum(ns + np.maximum(np.round(open_), 0), 1)
+        if np.abs(self.diag[fluid] / s - want[fluid]).max() > 1e-6 * want[fluid].max():
             return None
         return s
 
@@ -138,8 +151,8 @@ def from_aij(da, A, local):
     ai, aj, av = A.getValuesCSR()
     av = np.asarray(av).real
     keep = av != 0
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(ai))[keep]
-    cols = np.asarray(aj, dtype=np.int64)[keep]
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(ai))[keep].astype(np.int64)
+    cols = np.asarray(aj)[keep].astype(np.int64)
     vals = av[keep]
     lo, _ = A.getOwnershipRange()
     # inside this rank's block a neighbour's PETSc index is the row's plus a

@@ -1,6 +1,7 @@
 """DCDM on operators with coefficients (operator families): the network
 reads A's stencil, assembled or probed, and DCDM still converges where the
 network does not help (the switch to Jacobi-PCG)."""
+import numpy as np
 import pytest
 import torch
 from petsc4py import PETSc
@@ -67,7 +68,10 @@ def test_shell_operator_is_probed(families, fam, tmp_path):
 
 
 def test_unit_operator_keeps_flags_path(tmp_path):
-    p = Problem.from_scene("spheres", (16, 16, 16), seed=2)
+    """An operator the flags path reproduces exactly (here a closed box)
+    keeps it; obstacles touching an open face do not qualify (the derived
+    AIR cells would add to the diagonal)."""
+    p = Problem.from_scene("box", (16, 16, 16), seed=2)
     try:
         with make_ksp(p.A, "un_", {**DCDM, "ksp_rtol": 1e-6}, da=p.da) as ksp:
             reason, its, res, x = solve(ksp, p)
@@ -319,3 +323,63 @@ def test_fused_coefficient_kernels_equal_torch(fam):
         net.fused = True
         y1 = net(r, geo)
     assert ((y0 - y1).norm() / y0.norm()) < 1e-4
+
+
+def test_closed_pocket_keeps_the_network_finite():
+    """A closed fluid pocket inside one 2x2x2 aggregate coarsens to a zero
+    row; it must become inactive, not an infinite D⁻¹ (NaN everywhere)."""
+    import numpy as np
+    from deepcd_petsc import stencil
+    from deepcd_petsc.coefficients import family
+    from deepcd_petsc.scenes import SOLID, FLUID
+    flags, faces, coef = family("density", (16, 16, 16), 3)
+    flags[3:7, 3:6, 3:6] = SOLID
+    flags[4:6, 4, 4] = FLUID
+    st = stencil.from_coefficients(flags, faces, coef)
+    net, _ = load_model()
+    s7 = torch.as_tensor(np.concatenate([st.diag[None], st.coef]))
+    with torch.inference_mode():
+        geo = net.prepare(torch.as_tensor(flags), None, stencil=s7)
+        for lv in geo["levels"]:
+            assert torch.isfinite(lv["dinv"]).all()
+        y = net(torch.randn(1, 1, 16, 16, 16), geo)
+    assert torch.isfinite(y).all()
+
+
+def test_unit_path_only_when_exact(tmp_path):
+    """A stack of independent 2D Laplacians (no z couplings) has unit
+    couplings, but the flags path would add z couplings: coefficient path."""
+    from deepcd_petsc.problem import Problem as P
+    p = P.from_scene("box", (8, 8, 8), seed=1, comm=PETSc.COMM_SELF)
+    try:
+        A = p.A.duplicate(copy=True)
+        rows = []
+        n = 8
+        for k in range(n):
+            for j in range(n):
+                for i in range(n):
+                    r = i + n * (j + n * k)
+                    for dk in (-1, 1):
+                        if 0 <= k + dk < n:
+                            A.setValue(r, r + dk * n * n, 0.0)
+                            rows.append(r)
+        A.assemble()
+        # the diagonal drops the two z faces (Neumann in z)
+        d = A.getDiagonal()
+        with d as arr:
+            z = (np.arange(n ** 3) // (n * n))
+            arr[:] -= (z > 0) + (z < n - 1)
+        A.setDiagonal(d)
+        d.destroy()
+        with make_ksp(A, "u2_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 200}, da=p.da) as ksp:
+            x = p.b.duplicate()
+            b = p.b.duplicate()
+            b.setRandom()
+            ksp.solve(b, x)
+            text = view_text(ksp, tmp_path)
+            x.destroy()
+            b.destroy()
+        A.destroy()
+    finally:
+        p.destroy()
+    assert "coefficients (AIJ)" in text, text

@@ -232,7 +232,13 @@ def test_box_from_aij_equals_from_flags():
     st = stencil.from_aij(p.da, p.A, local_shape(p.da))
     ref = stencil.from_flags(p.flags, scenes.padded(p.flags, p.open_faces))
     assert np.array_equal(st.diag, ref.diag) and np.array_equal(st.coef, ref.coef)
-    assert st.unit_scale(p.flags) == 1.0
+    ghosted = scenes.padded(p.flags, p.open_faces)
+    assert st.unit_scale(p.flags, np.zeros(p.flags.shape), ghosted) == 1.0
+    # twice the operator: scale 2; a changed coupling: not the flags path
+    st2 = stencil.Stencil(2 * st.diag, 2 * st.coef)
+    assert st2.unit_scale(p.flags, np.zeros(p.flags.shape), ghosted) == 2.0
+    st.coef[5][3, 3, 3] *= 1.5
+    assert st.unit_scale(p.flags, np.zeros(p.flags.shape), ghosted) is None
 
 
 # ------------------------------------------------------------------ 2. probing
