@@ -28,9 +28,12 @@ test-petsc-latest: petsc-latest
 demo: env
 	$(VENV)/bin/deepcd bench --scenes spheres --sizes 64 --seed 7 --repeats 1 --out demo_out
 
-# the README's measured table: DCDM, FCG+network and every baseline at 64^3 and 128^3 (~10 min on 2 cores)
+# the README's measured tables: DCDM, FCG+network and every baseline at 64^3 and 128^3 (~10 min on
+# 2 cores), then a 64^3 row of each operator family next to GAMG, hypre and Jacobi (~2 min)
 bench: env
 	$(VENV)/bin/deepcd bench --scenes spheres,smoke,liquid --sizes 64,128 --repeats 2 --threads 2 --out bench_out
+	$(VENV)/bin/deepcd bench --scenes density,perm,aniso,stretch,periodic --sizes 64 \
+	    --solvers dcdm,cg+gamg,cg+hypre,cg+jacobi --seed 3 --repeats 2 --threads 1 --out bench_out/families
 
 clean:
 	rm -rf build *.egg-info .pytest_cache examples/c/poisson3d examples/c/*.o
