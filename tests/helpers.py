@@ -102,22 +102,24 @@ def ex45_system(n, comm=None):
     A = da.createMat()          # DMDA.createMatrix is gone in petsc4py 3.26
     b = da.createGlobalVec()
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
-    barr = da.getVecArray(b)
     row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
-    for k in range(zs, ze):
-        for j in range(ys, ye):
-            for i in range(xs, xe):
-                row.index = (i, j, k)
-                if 0 in (i, j, k) or n - 1 in (i, j, k):
+    # b's local block through `with` (restored with a new state, so PETSc
+    # 3.26 keeps no stale norm; DMDA.getVecArray warns under numpy 2.4)
+    with b as bflat:
+        barr = bflat.reshape(ze - zs, ye - ys, xe - xs)
+        for k in range(zs, ze):
+            for j in range(ys, ye):
+                for i in range(xs, xe):
+                    row.index = (i, j, k)
+                    if 0 in (i, j, k) or n - 1 in (i, j, k):
+                        A.setValueStencil(row, row, 6 * h)
+                        barr[k - zs, j - ys, i - xs] = 6 * h
+                        continue
                     A.setValueStencil(row, row, 6 * h)
-                    barr[i, j, k] = 6 * h
-                    continue
-                A.setValueStencil(row, row, 6 * h)
-                for di, dj, dk in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)):
-                    col.index = (i + di, j + dj, k + dk)
-                    A.setValueStencil(row, col, -h)
-                barr[i, j, k] = h ** 3
-    del barr
-    b.stateIncrease()           # written through an array view: no cached norms (3.26)
+                    for di, dj, dk in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1),
+                                       (0, 0, -1)):
+                        col.index = (i + di, j + dj, k + dk)
+                        A.setValueStencil(row, col, -h)
+                    barr[k - zs, j - ys, i - xs] = h ** 3
     A.assemble()
     return da, A, b

