@@ -305,7 +305,7 @@ class NetworkContext:
             flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
             self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
                                   "Galerkin coarse levels")
-        self.stencil = np.concatenate([st.diag[None], st.coef], 0)
+        self.stencil = st.packed()
         self.periodic = st.periodic
         return flags
 

@@ -3,12 +3,10 @@ torch float64 on the matrix-free operator (CPU or GPU). The PETSc KSP in
 ksp.py is the production solver; this is the yardstick for training."""
 import time
 
-import numpy as np
-
 import torch
 
 from .model import dirichlet_fraction
-from .operator import PoissonOperator
+from .operator import operator_of
 from .problem import closed_regions, divergence_rhs
 from .scenes import FLUID, padded
 
@@ -24,12 +22,10 @@ class TorchSystem:
 
     def __init__(self, scene, shape_xyz, seed, device="cpu"):
         from .coefficients import scene_operator
-        from .operator import StencilOperator
         nx, ny, nz = shape_xyz
         flags, faces, st = scene_operator(scene, (nz, ny, nx), seed)
         self.flags, self.faces, self.shape, self.stencil = flags, faces, shape_xyz, st
-        self.op = (PoissonOperator(flags, faces, dtype=torch.float64, device=device) if st is None
-                   else StencilOperator(st, dtype=torch.float64, device=device))
+        self.op = operator_of(flags, faces, st, torch.float64, device)
         labels, closed = closed_regions(flags, faces)
         self.null = []
         for lab in closed:
@@ -114,9 +110,7 @@ def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
             for seed in seeds:
                 s = TorchSystem(scene, (n, n, n), seed, device)
                 with torch.inference_mode():
-                    kw = {} if s.stencil is None else {
-                        "stencil": torch.from_numpy(np.concatenate([s.stencil.diag[None], s.stencil.coef])),
-                        "periodic": s.stencil.periodic}
+                    kw = {} if s.stencil is None else s.stencil.network_kw()
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
                                       dtype=dtype, device=device, **kw)
                 t = time.perf_counter()

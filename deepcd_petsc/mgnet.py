@@ -395,7 +395,6 @@ class MGNet(nn.Module):
                 nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
                 lv["tapw"] = torch.where(csum > 0, nc * sc / csum.clamp(min=1e-300),
                                          torch.zeros_like(sc)).to(dtype)
-                lv["diag64"] = sd
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
@@ -408,7 +407,6 @@ class MGNet(nn.Module):
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
                 "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
-            lv.pop("diag64", None)
             levels.append(lv)
         geo = {"shape": shape, "pad": pad, "levels": levels, "L": L, "wrap": wrap,
                "halo": mh}
@@ -444,7 +442,7 @@ class MGNet(nn.Module):
         smoother applied to every unit vector (computed in float64)."""
         shape = lv["fluid"].shape[-3:]
         n = math.prod(shape)
-        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv", "coef", "tapw") if k in lv}
+        f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv")}
         eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
         cols = self._smooth(self.bottom, lv["gates"][0].double(), f64, eye, None, None, lv["taps"][0])
         return cols.reshape(n, n).t().contiguous()
@@ -493,12 +491,9 @@ class MGNet(nn.Module):
 
     def _cycle(self, geo, l, b, whole=False):
         """x for level l's right-hand side b; `whole`: b is the whole level
-        (gathered), computed without halos as on one process."""
+        (gathered by _coarse), computed without halos as on one process."""
         lv = geo["levels"][l]
-        if lv["gathered"] and not whole:
-            x = self._cycle(geo, l, geo["halo"].gather_level(b, l), whole=True)
-            return geo["halo"].own_block(x, l)
-        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
+        halo = self._level_halo(geo, whole)
         if l == geo["L"] - 1:
             if "dense" in lv and not torch.is_grad_enabled():
                 return self._dense_bottom(lv, b)
@@ -509,6 +504,12 @@ class MGNet(nn.Module):
         e = F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
         x = x + (self.coarse_scale[l].to(x.dtype) if w is None else w) * e
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
+
+    @staticmethod
+    def _level_halo(geo, whole):
+        """Ghost cells of a level: the ranks' halo exchange on a block, the
+        periodic wrap (or zeros: None) on a whole level or one process."""
+        return geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
 
     def _coarse(self, geo, l, cb, whole, kern=None):
         """(e, w): level l+1's correction for the restricted residual cb (in
@@ -539,8 +540,7 @@ class MGNet(nn.Module):
         positively homogeneous; global sums on several ranks."""
         if flat:
             e, cb = e[None, None], cb[None, None]
-        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
-        ae = self._apply_A(lc, e, halo)
+        ae = self._apply_A(lc, e, self._level_halo(geo, whole))
         dims = tuple(range(1, e.dim()))
         num = 8 * (e * cb).sum(dims)
         den = GALERKIN_FACTOR * (e * ae).sum(dims)
@@ -660,9 +660,9 @@ class MGNet(nn.Module):
         xp, sp = f["xp"], f["sp"]
         w = f["taps"][k]
         last = len(f["gates"][k]) - 1
+        coef = "coef" in f
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
-            coef = "coef" in f
             if first:
                 kern.first(b, f["dinv"], sp)
             else:
@@ -687,15 +687,11 @@ class MGNet(nn.Module):
 
     def _cycle_fused(self, geo, l, b, kern, whole=False, out=None):
         """_cycle on contiguous (D, H, W) float32 fields. Returns x as a view
-        of level l's buffer (of the whole level's, cut to the block, on a
-        gathered level), or a new tensor on a dense coarsest level; with
-        `out` (level 0, not the coarsest), x written into it."""
+        of level l's buffer (_coarse cuts a gathered level's to the block),
+        or a new tensor on a dense coarsest level; with `out` (level 0, not
+        the coarsest), x written into it."""
         lv = geo["levels"][l]
-        if lv["gathered"] and not whole:
-            b = geo["halo"].gather_level(b[None, None], l)[0, 0]
-            x = self._cycle_fused(geo, l, b, kern, whole=True)
-            return geo["halo"].own_block(x, l)
-        halo = geo["wrap"] if whole or geo["halo"] is None else geo["halo"]
+        halo = self._level_halo(geo, whole)
         f = self._fields(lv)
         if l == geo["L"] - 1:
             if "dense" in lv:

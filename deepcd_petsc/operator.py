@@ -66,3 +66,11 @@ class StencilOperator:
         x5 = x.reshape(-1, 1, *self.shape)
         y = self.diag.to(x.dtype) * x5 - coupled_sum(x5, self.coef.to(x.dtype), self.wrap)
         return y.reshape(shp)
+
+
+def operator_of(flags, faces, st, dtype=torch.float64, device=None):
+    """The torch operator of a scene: the flags' unit operator, or an
+    operator family's stencil (st not None)."""
+    if st is None:
+        return PoissonOperator(flags, faces, dtype=dtype, device=device)
+    return StencilOperator(st, dtype=dtype, device=device)

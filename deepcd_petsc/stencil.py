@@ -37,6 +37,19 @@ class Stencil:
     def shape(self):
         return self.diag.shape
 
+    def packed(self):
+        """(7, D, H, W): the diagonal, then the six couplings (MGNet.prepare's
+        `stencil`, the Lanczos caches)."""
+        return np.concatenate([self.diag[None], self.coef], 0)
+
+    @classmethod
+    def from_packed(cls, arr, periodic=(False, False, False)):
+        return cls(arr[0], arr[1:], periodic)
+
+    def network_kw(self):
+        """MGNet.prepare's operator arguments."""
+        return {"stencil": self.packed(), "periodic": self.periodic}
+
     def active(self):
         """Rows the network works on: coupled to some neighbour."""
         return (self.coef != 0).any(0)

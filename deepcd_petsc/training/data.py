@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from ..operator import PoissonOperator, StencilOperator
+from ..operator import operator_of
 from ..coefficients import scene_operator
 from ..scenes import FLUID
 from .lanczos import lanczos_ritz
@@ -45,11 +45,7 @@ class Geometry:
     @property
     def prepare_kw(self):
         """MGNet.prepare's operator arguments for this geometry."""
-        if self.stencil is None:
-            return {}
-        st = self.stencil
-        return {"stencil": torch.from_numpy(np.concatenate([st.diag[None], st.coef])),
-                "periodic": st.periodic}
+        return {} if self.stencil is None else self.stencil.network_kw()
 
     def sample(self, batch, gen, low_fraction=0.5, low_weight=9.0):
         """Unit-norm vectors b = Σ c_j q_j, c ~ N(0,1), the lowest
@@ -70,11 +66,6 @@ def cache_name(scene, shape, seed, m):
     return f"{scene}-{nx}x{ny}x{nz}-s{seed}-m{m}.npz"
 
 
-def operator_of(flags, faces, st, dtype):
-    return (PoissonOperator(flags, faces, dtype=dtype) if st is None
-            else StencilOperator(st, dtype=dtype))
-
-
 def make_geometry(scene, shape, seed, m, cache_dir=None):
     """Geometry for (scene, shape (nz, ny, nx), seed) with m Lanczos steps,
     read from or written to `cache_dir`."""
@@ -86,7 +77,7 @@ def make_geometry(scene, shape, seed, m, cache_dir=None):
             st = None
             if "stencil" in z.files:
                 from ..stencil import Stencil
-                st = Stencil(z["stencil"][0], z["stencil"][1:], tuple(bool(v) for v in z["periodic"]))
+                st = Stencil.from_packed(z["stencil"], tuple(bool(v) for v in z["periodic"]))
             return Geometry(z["flags"], faces, z["ritz_values"], z["ritz_vectors"], name, st)
     flags, faces, st = scene_operator(scene, shape, seed)
     op = operator_of(flags, faces, st, torch.float64)
@@ -103,7 +94,7 @@ def make_geometry(scene, shape, seed, m, cache_dir=None):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npz"
         extra = {} if st is None else {
-            "stencil": np.concatenate([st.diag[None], st.coef]),
+            "stencil": st.packed(),
             "periodic": np.array(st.periodic, dtype=np.int8)}
         np.savez(tmp, flags=flags, open_faces=",".join(sorted(faces)),
                  ritz_values=vals, ritz_vectors=vecs, **extra)
