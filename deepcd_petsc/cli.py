@@ -114,6 +114,8 @@ def build_parser():
     bp.add_argument("--threads", type=int, help="torch threads per rank")
     bp.add_argument("--northo", type=int, help="DCDM's A-orthogonalised directions")
     bp.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, PNGs")
+    from .simulate import add_parser as add_simulate
+    add_simulate(sub)
     return ap
 
 
@@ -426,7 +428,12 @@ def cmd_bench(a, petsc_args):
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "solve": cmd_solve, "info": cmd_info, "train": cmd_train,
+def cmd_simulate(a, petsc_args):
+    from .simulate import run
+    return run(a, petsc_args)
+
+
+COMMANDS = {"simulate": cmd_simulate, "bench": cmd_bench, "solve": cmd_solve, "info": cmd_info, "train": cmd_train,
             "evaluate": cmd_evaluate, "kernels": cmd_kernels}
 
 
