@@ -1,13 +1,15 @@
 """`deepcd bench`: DCDM and the network PC next to PETSc's classical solvers
 on the same systems in the same run, with set-up and solve times, memory,
-true residuals, DCDM's per-iteration cost breakdown, JSON + markdown + plots."""
+true residuals, DCDM's per-iteration cost breakdown, JSON + markdown + plots;
+single solves, or sequences of solves that reuse the set-up (time stepping),
+and for each (scene, size) DCDM's ratio to the fastest classical solver."""
 import json
 import os
 import platform
 import statistics
 import time
 
-from .solvers import BASELINES, baseline_options, baseline_unavailable, run_ksp
+from .solvers import BASELINES, baseline_options, baseline_unavailable, run_ksp, run_sequence
 from .tables import markdown_table
 
 NETWORK_SOLVERS = {
@@ -84,11 +86,14 @@ def unavailable_solvers(solvers, comm=None):
 
 
 def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
-          threads=None, northo=None, log=print, skipped=None):
+          threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None):
     """List of result rows, one per (scene, size, solver): medians over
     `repeats` of set-up and solve time; the first repeat is a warm-up when
     repeats > 1 (imports, model load, caches). Solvers this PETSc build
-    lacks are left out, logged, and added to `skipped` ({name: why})."""
+    lacks are left out, logged, and added to `skipped` ({name: why}).
+    solves > 1: each run is a sequence of that many solves with one KSP
+    (fresh right-hand sides; a new geometry every `change_every` solves),
+    rows as repeated_row() describes."""
     from petsc4py import PETSc
     from .problem import Problem
     comm = PETSc.COMM_WORLD
@@ -104,65 +109,194 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
             t0 = time.perf_counter()
             problem = Problem.from_scene(scene, (n, n, n), seed=seed)
             assembly = time.perf_counter() - t0
+            geometry = lambda j, scene=scene, n=n: Problem.from_scene(scene, (n, n, n), seed=seed + j)
             for name in solvers:
                 opts = solver_options(name, problem, model, threads, northo)
                 opts["ksp_rtol"] = str(rtol)
                 opts["ksp_max_it"] = "20000"
-                prefix = "bench_" + name.replace("+", "_") + "_"
-                runs = []
-                for rep in range(max(repeats, 1)):
-                    _reset_peak()
-                    res, ksp, x = run_ksp(problem, prefix, opts, keep=True, history=(rep == 0))
-                    res["peak_mb"] = comm.tompi4py().allreduce(_peak_mb(), op=__import__("mpi4py").MPI.MAX)
-                    ctx = ksp.getPythonContext() if ksp.getType() == "python" else None
-                    if ctx is not None and getattr(ctx, "timing", None):
-                        its = max(res["iterations"], 1)
-                        t = ctx.timing
-                        res["breakdown_ms"] = {k: v / its * 1e3 for k, v in t.items()}
-                        # as DCDM.solve defines them (-ksp_view prints the same)
-                        res["overhead_pct"] = 100 * t["overhead"] / t["total"]
-                        res["glue_pct"] = 100 * t["glue"] / t["total"]
-                        res["fallbacks"] = ctx.fallbacks
-                    ksp.destroy()
-                    x.destroy()
-                    runs.append(res)
-                timed = runs[1:] if len(runs) > 1 else runs
-                row = dict(runs[0])
-                row["setup_s"] = statistics.median(r["setup_s"] for r in timed)
-                row["solve_s"] = statistics.median(r["solve_s"] for r in timed)
-                row["peak_mb"] = max(r["peak_mb"] for r in runs)
-                if "breakdown_ms" in timed[-1]:
-                    row["breakdown_ms"] = timed[-1]["breakdown_ms"]
-                    row["overhead_pct"] = timed[-1]["overhead_pct"]
-                    row["glue_pct"] = timed[-1]["glue_pct"]
-                row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly,
-                           total_s=row["setup_s"] + row["solve_s"],
-                           per_it_ms=row["solve_s"] / max(row["iterations"], 1) * 1e3,
-                           repeats=len(timed))
+                prefix = "bench_" + name.replace("+", "_").replace("-", "_") + "_"
+                if solves > 1:
+                    row = repeated_row(problem, prefix, opts, repeats, solves, change_every,
+                                       geometry, seed, comm)
+                else:
+                    row = single_row(problem, prefix, opts, repeats, comm)
+                row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly)
                 rows.append(row)
-                log(f"{scene:8s} {n:4d}^3 {name:10s} its {row['iterations']:6d} {row['reason']:16s} "
-                    f"setup {row['setup_s']:7.3f} s solve {row['solve_s']:7.3f} s "
-                    f"res {row['true_residual']:.1e}")
+                log(_log_line(row))
             problem.destroy()
     return rows
+
+
+def _log_line(row):
+    head = f"{row['scene']:8s} {row['n']:4d}^3 {row['solver']:14s} its {row['iterations']:6d} " \
+           f"{row['reason']:16s} "
+    if "solves" in row:
+        return head + (f"first {row['first_s']:7.3f} s median {row['median_s']:7.3f} s "
+                       f"amortised {row['amortised_s']:7.3f} s set-ups {row['setups']} "
+                       f"res {row['true_residual']:.1e}")
+    return head + (f"setup {row['setup_s']:7.3f} s solve {row['solve_s']:7.3f} s "
+                   f"res {row['true_residual']:.1e}")
+
+
+def _peak(comm):
+    from mpi4py import MPI
+    return comm.tompi4py().allreduce(_peak_mb(), op=MPI.MAX)
+
+
+def single_row(problem, prefix, opts, repeats, comm):
+    """One solve per run, a fresh KSP each: medians of set-up and solve
+    over the timed runs, DCDM's per-iteration breakdown."""
+    runs = []
+    for rep in range(max(repeats, 1)):
+        _reset_peak()
+        res, ksp, x = run_ksp(problem, prefix, opts, keep=True, history=(rep == 0))
+        res["peak_mb"] = _peak(comm)
+        ctx = ksp.getPythonContext() if ksp.getType() == "python" else None
+        if ctx is not None and getattr(ctx, "timing", None):
+            its = max(res["iterations"], 1)
+            t = ctx.timing
+            res["breakdown_ms"] = {k: v / its * 1e3 for k, v in t.items()}
+            # as DCDM.solve defines them (-ksp_view prints the same)
+            res["overhead_pct"] = 100 * t["overhead"] / t["total"]
+            res["glue_pct"] = 100 * t["glue"] / t["total"]
+            res["fallbacks"] = ctx.fallbacks
+        ksp.destroy()
+        x.destroy()
+        runs.append(res)
+    timed = runs[1:] if len(runs) > 1 else runs
+    row = dict(runs[0])
+    row["setup_s"] = statistics.median(r["setup_s"] for r in timed)
+    row["solve_s"] = statistics.median(r["solve_s"] for r in timed)
+    row["peak_mb"] = max(r["peak_mb"] for r in runs)
+    if "breakdown_ms" in timed[-1]:
+        row["breakdown_ms"] = timed[-1]["breakdown_ms"]
+        row["overhead_pct"] = timed[-1]["overhead_pct"]
+        row["glue_pct"] = timed[-1]["glue_pct"]
+    row.update(total_s=row["setup_s"] + row["solve_s"],
+               per_it_ms=row["solve_s"] / max(row["iterations"], 1) * 1e3,
+               repeats=len(timed))
+    return row
+
+
+# what a repeated-solve run reports: the median over timed runs of each
+REPEATED_TIMES = ("first_setup_s", "first_s", "median_s", "amortised_s", "reuse_setup_s")
+
+
+def repeated_row(problem, prefix, opts, repeats, solves, change_every, geometry, seed, comm):
+    """Runs of `solves` solves with one KSP (solvers.run_sequence), the
+    first run a warm-up when repeats > 1. first_s: set-up + solve of the
+    first solve; median_s: median solve time of the others (solve only);
+    amortised_s: all set-ups and solves / solves; setups: solves that set
+    up a PC (PCSetUp events: 1 when the set-up is reused, 1 per geometry
+    with change_every); reuse_setup_s: the slowest set-up call of a solve
+    whose operator did not change (~0 when reused)."""
+    runs = []
+    for rep in range(max(repeats, 1)):
+        _reset_peak()
+        recs = run_sequence(problem, prefix, opts, solves, change_every, geometry, seed)
+        runs.append(summarise(recs, change_every))
+        runs[-1]["peak_mb"] = _peak(comm)
+    timed = runs[1:] if len(runs) > 1 else runs
+    row = dict(timed[-1])
+    for key in REPEATED_TIMES:
+        row[key] = statistics.median(r[key] for r in timed)
+    row["peak_mb"] = max(r["peak_mb"] for r in runs)
+    row.update(repeats=len(timed), ranks=comm.getSize())
+    return row
+
+
+def summarise(records, change_every=None):
+    """One run of a solve sequence as a row (see repeated_row)."""
+    first, rest = records[0], records[1:] or records[:1]
+    same_op = [r for k, r in enumerate(records)
+               if k and not (change_every and k % change_every == 0)]
+    bad = [r for r in records if not r["converged"]]
+    return {"solves": len(records), "change_every": change_every,
+            "iterations": first["iterations"],
+            "iterations_median": statistics.median(r["iterations"] for r in rest),
+            "reason": (bad or records)[0]["reason"], "converged": not bad,
+            "true_residual": max(r["true_residual"] for r in records),
+            "first_setup_s": first["setup_s"], "first_s": first["setup_s"] + first["solve_s"],
+            "median_s": statistics.median(r["solve_s"] for r in rest),
+            "amortised_s": sum(r["setup_s"] + r["solve_s"] for r in records) / len(records),
+            "reuse_setup_s": max((r["setup_s"] for r in same_op), default=0.0),
+            "setups": sum(r["pc_setups"] > 0 for r in records),
+            "pc_setups": [r["pc_setups"] for r in records],
+            "solve_times": [r["solve_s"] for r in records],
+            "setup_times": [r["setup_s"] for r in records],
+            "iteration_counts": [r["iterations"] for r in records]}
+
+
+# the metrics DCDM is compared on with the fastest classical solver
+SINGLE_METRICS = {"total_s": "set-up + solve"}
+REPEATED_METRICS = {"median_s": "per solve (median, set-up reused)", "amortised_s": "amortised"}
+
+
+def best_classical(rows):
+    """Per (scene, size) and metric: the fastest converged classical
+    solver, DCDM's time and their ratio (DCDM / best: below 1 is DCDM
+    faster; speed-up = its inverse)."""
+    repeated = any("solves" in r for r in rows)
+    metrics = REPEATED_METRICS if repeated else SINGLE_METRICS
+    out = []
+    for key in dict.fromkeys((r["scene"], r["n"]) for r in rows):
+        sel = [r for r in rows if (r["scene"], r["n"]) == key and r.get("converged", True)]
+        classical = [r for r in sel if r["solver"] in BASELINES]
+        dcdm = next((r for r in sel if r["solver"] == "dcdm"), None)
+        for metric, label in metrics.items():
+            if not classical:
+                continue
+            best = min(classical, key=lambda r: r[metric])
+            e = {"scene": key[0], "n": key[1], "metric": label, "best_classical": best["solver"],
+                 "best_s": best[metric]}
+            if dcdm is not None:
+                e.update(dcdm_s=dcdm[metric], dcdm_over_best=dcdm[metric] / best[metric],
+                         speedup=best[metric] / dcdm[metric])
+            out.append(e)
+    return out
 
 
 COLUMNS = ["scene", "n", "solver", "iterations", "setup_s", "solve_s", "total_s", "per_it_ms",
            "peak_mb", "true_residual"]
 HEADERS = ["scene", "n", "solver", "its", "set-up (s)", "solve (s)", "total (s)", "ms/it",
            "peak MB", "true res."]
+REPEATED_COLUMNS = ["scene", "n", "solver", "iterations", "iterations_median", "first_setup_s",
+                    "first_s", "median_s", "amortised_s", "setups", "reuse_setup_s", "peak_mb",
+                    "true_residual"]
+REPEATED_HEADERS = ["scene", "n", "solver", "its (1st)", "its (rest)", "1st set-up (s)",
+                    "1st total (s)", "solve (s, median of rest)", "amortised (s)", "set-ups",
+                    "reused set-up (s)", "peak MB", "max true res."]
+BEST_COLUMNS = ["scene", "n", "metric", "best_classical", "best_s", "dcdm_s", "dcdm_over_best",
+                "speedup"]
+BEST_HEADERS = ["scene", "n", "time", "fastest classical", "its time (s)", "DCDM (s)",
+                "DCDM / best", "speed-up"]
+
+
+def _results_table(rows):
+    if any("solves" in r for r in rows):
+        r0 = rows[0]
+        every = r0["change_every"]
+        title = (f"{r0['solves']} solves per run, fresh right-hand sides, "
+                 + (f"a new geometry every {every} solves:" if every else "one operator:"))
+        return [title, "", markdown_table(rows, REPEATED_COLUMNS, REPEATED_HEADERS), ""]
+    return [markdown_table(rows, COLUMNS, HEADERS), ""]
 
 
 def write_report(rows, info, out_dir, command, unavailable=None):
     os.makedirs(out_dir, exist_ok=True)
     unavailable = dict(unavailable or {})
+    best = best_classical(rows)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump({"machine": info, "command": command, "results": rows,
-                   "unavailable": unavailable}, f, indent=1)
+                   "best_classical": best, "unavailable": unavailable}, f, indent=1)
     lines = [f"Command: `{command}`", "",
              f"Machine: {info['cpu']}, {info['ranks']} rank(s) x {info['torch_threads']} torch thread(s), "
-             f"PETSc {info['petsc']}, torch {info['torch']}, {info['date']}", "",
-             markdown_table(rows, COLUMNS, HEADERS), ""]
+             f"PETSc {info['petsc']}, torch {info['torch']}, {info['date']}", ""]
+    lines += _results_table(rows)
+    if best:
+        lines += ["DCDM against the fastest classical solver:", "",
+                  markdown_table([dict(e, speedup=f"{e['speedup']:.1f}x") if "speedup" in e else e
+                                  for e in best], BEST_COLUMNS, BEST_HEADERS), ""]
     if unavailable:
         lines += ["Unavailable in this PETSc build: " +
                   "; ".join(f"{k} ({v})" for k, v in unavailable.items()), ""]
@@ -175,7 +309,7 @@ def write_report(rows, info, out_dir, command, unavailable=None):
                   markdown_table(br, ["scene", "n"] + keys), ""]
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(lines))
-    plots = plot(rows, out_dir)
+    plots = plot(rows, out_dir) if any(r.get("history") for r in rows) else []
     return "\n".join(lines), plots
 
 

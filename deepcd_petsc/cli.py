@@ -72,15 +72,16 @@ def build_parser():
     t = sub.add_parser("train", help="train a DCDM network (unsupervised, Lanczos Ritz data)")
     t.add_argument("--out", required=True, help="checkpoint to write (.pt); also writes .png loss plot and .md card")
     t.add_argument("--n", default="32", help="training grid size(s), comma list, e.g. 32,48")
-    t.add_argument("--scenes", default="spheres,smoke,liquid,box")
+    t.add_argument("--scenes", default="spheres,smoke,liquid,box",
+                   help="training scenes, comma list (flag scenes and operator families)")
     t.add_argument("--geometries", default="4", help="random geometries per scene and size (one count, or one per size)")
     t.add_argument("--lanczos", default="400", help="Lanczos steps per geometry (one count, or one per size)")
-    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--batch", type=int, default=8, help="Ritz vectors per step (default 8)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed of geometries, data and weights")
+    t.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N]")
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     t.add_argument("--cache", help="directory caching the Lanczos data (.npz per geometry)")
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
@@ -92,24 +93,35 @@ def build_parser():
     t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
     e = sub.add_parser("evaluate", help="DCDM vs CG iterations with a model (torch, no PETSc)")
     e.add_argument("--model", help="checkpoint (default: the shipped model)")
-    e.add_argument("--scenes", default="spheres,smoke,liquid")
-    e.add_argument("--sizes", default="32,64")
-    e.add_argument("--seeds", default="1,2")
-    e.add_argument("--rtol", type=float, default=1e-6)
-    e.add_argument("--maxit", type=int, default=500)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    e.add_argument("--threads", type=int)
+    e.add_argument("--scenes", default="spheres,smoke,liquid", help="scenes, comma list")
+    e.add_argument("--sizes", default="32,64", help="cubic grid sizes N, comma list")
+    e.add_argument("--seeds", default="1,2", help="geometry seeds, comma list (the shipped model "
+                                                 "was trained on 1000-1002)")
+    e.add_argument("--rtol", type=float, default=1e-6, help="relative residual tolerance")
+    e.add_argument("--maxit", type=int, default=500, help="iteration limit per solve")
+    e.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N]")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="the network's dtype (the Krylov arithmetic stays float64)")
+    e.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
     e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 2)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
-    bp.add_argument("--scenes", default="spheres,liquid")
-    bp.add_argument("--sizes", default="32,64")
-    bp.add_argument("--solvers", default="dcdm,fcg+net,cg,cg+jacobi,cg+icc,cg+gamg,cg+hypre,cg+mg")
-    bp.add_argument("--seed", type=int, default=7)
+    bp.add_argument("--scenes", default="spheres,liquid", help="scenes, comma list")
+    bp.add_argument("--sizes", default="32,64", help="cubic grid sizes N, comma list")
+    bp.add_argument("--solvers", default="dcdm,fcg+net,cg,cg+jacobi,cg+icc,cg+gamg,cg+hypre,cg+mg,"
+                                         "cg+gamg-tuned,cg+hypre-tuned,cg+mg-tuned",
+                    help="solvers, comma list (the README lists each one's PETSc options)")
+    bp.add_argument("--seed", type=int, default=7,
+                    help="geometry seed; right-hand side k of --solves uses seed + k")
     bp.add_argument("--repeats", type=int, default=3, help="runs per solver; the first is a warm-up when > 1")
-    bp.add_argument("--rtol", type=float, default=1e-6)
+    bp.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance on the true residual")
+    bp.add_argument("--solves", type=int, default=1,
+                    help="solves per run with one KSP and fresh right-hand sides (set-up reused, "
+                         "as time stepping does); reports the first and the median of the rest")
+    bp.add_argument("--change-every", type=int, metavar="K",
+                    help="with --solves: a new geometry (seed + 1, + 2, ...) every K solves, as "
+                         "moving obstacles do; its set-up is redone and amortised")
     bp.add_argument("--model", help="checkpoint (default: the shipped model)")
     bp.add_argument("--threads", type=int, help="torch threads per rank")
     bp.add_argument("--northo", type=int, help="DCDM's A-orthogonalised directions")
@@ -393,6 +405,15 @@ def cmd_evaluate(a, petsc_args):
     return 0
 
 
+def _check_solves(solves, change_every):
+    """--solves N >= 1; --change-every K needs 1 <= K < N (else the operator never changes)."""
+    if solves < 1:
+        raise UserError(f"--solves must be >= 1, got {solves}")
+    if change_every is not None and not 1 <= change_every < solves:
+        raise UserError(f"--change-every must be >= 1 and below --solves ({solves}), "
+                        f"got {change_every}")
+
+
 def cmd_bench(a, petsc_args):
     PETSc = init_petsc(petsc_args)
     from .bench import ALL_SOLVERS, bench, machine_info, write_report
@@ -400,6 +421,7 @@ def cmd_bench(a, petsc_args):
     bad = [s for s in solvers if s not in ALL_SOLVERS]
     if bad or not solvers:
         raise UserError(f"unknown solver(s) {bad}; choose from {', '.join(ALL_SOLVERS)}")
+    _check_solves(a.solves, a.change_every)
     if a.model:
         from .model import ModelFileError, read_checkpoint
         try:
@@ -416,7 +438,7 @@ def cmd_bench(a, petsc_args):
     rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
                  a.rtol, a.model, a.threads, a.northo,
                  log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
-                 skipped=skipped)
+                 skipped=skipped, solves=a.solves, change_every=a.change_every)
     if rank == 0:
         cmd = "deepcd " + " ".join(sys.argv[1:])
         size = PETSc.COMM_WORLD.getSize()
