@@ -74,3 +74,93 @@ def test_bench_unknown_solver(tmp_path):
     r = run_cli(["bench", "--solvers", "cg,bicgstab", "--out", tmp_path / "x"])
     assert r.returncode == 2
     assert "bicgstab" in r.stderr and "cg+gamg" in r.stderr, r.stderr
+
+
+# -- issue 17: tuned baselines, repeated solves, DCDM against the best classical solver
+
+TUNED = ["cg+gamg-tuned", "cg+hypre-tuned", "cg+mg-tuned"]
+
+
+def bench_json(tmp_path, args):
+    out = tmp_path / "b"
+    r = run_cli(["bench", "--scenes", "spheres", "--sizes", "16", "--repeats", "1",
+                 "--threads", "1", "--out", out, *args])
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def check_best(data, metrics):
+    """The ratio table: per metric the fastest converged classical row,
+    DCDM's time and their ratio, as the rows themselves say."""
+    from deepcd_petsc.solvers import BASELINES
+    rows = data["results"]
+    classical = [r for r in rows if r["solver"] in BASELINES and r["converged"]]
+    dcdm = next(r for r in rows if r["solver"] == "dcdm")
+    best = data["best_classical"]
+    assert len(best) == len(metrics), best
+    for e, key in zip(best, metrics):
+        fastest = min(classical, key=lambda r: r[key])
+        assert e["best_classical"] == fastest["solver"] and e["best_s"] == fastest[key]
+        assert e["dcdm_s"] == dcdm[key]
+        assert e["dcdm_over_best"] == pytest.approx(dcdm[key] / fastest[key])
+        assert e["speedup"] == pytest.approx(1 / e["dcdm_over_best"])
+
+
+def test_tuned_baselines_converge_and_best_classical_ratio(tmp_path):
+    data, md = bench_json(tmp_path, ["--solvers", ",".join(["dcdm", "cg+gamg"] + TUNED)])
+    missing = unavailable_solvers(TUNED)
+    ran = {r["solver"]: r for r in data["results"]}
+    assert set(ran) == {"dcdm", "cg+gamg"} | (set(TUNED) - set(missing))
+    for name, r in ran.items():
+        assert r["converged"] and r["true_residual"] <= 1e-6, (name, r)
+    if "cg+hypre-tuned" in ran:          # its options reached hypre: fewer levels' work than default
+        assert ran["cg+hypre-tuned"]["pc_type"] == "hypre"
+    check_best(data, ["total_s"])
+    assert "DCDM against the fastest classical solver" in md and "set-up + solve" in md
+
+
+def test_repeated_solves_reuse_the_setup(tmp_path):
+    """--solves 3: one KSP, three right-hand sides; only the first solve
+    sets up a PC (PETSc's PCSetUp events), later set-up calls cost ~0."""
+    data, md = bench_json(tmp_path, ["--solvers", "dcdm,cg+gamg,cg+gamg-tuned,cg+mg-tuned",
+                                     "--solves", "3"])
+    for r in data["results"]:
+        assert r["solves"] == 3 and r["converged"] and r["true_residual"] <= 1e-6, r
+        assert r["pc_setups"][0] > 0 and r["pc_setups"][1:] == [0, 0], r
+        assert r["setups"] == 1
+        assert r["reuse_setup_s"] < max(0.2 * r["first_setup_s"], 2e-3), r
+        assert r["first_s"] == pytest.approx(r["setup_times"][0] + r["solve_times"][0])
+        assert r["median_s"] == pytest.approx(sorted(r["solve_times"][1:])[0] / 2
+                                              + sorted(r["solve_times"][1:])[1] / 2)
+        assert r["amortised_s"] == pytest.approx((sum(r["setup_times"]) + sum(r["solve_times"])) / 3)
+    # fresh right-hand sides: DCDM's network does not make all three alike by chance
+    check_best(data, ["median_s", "amortised_s"])
+    assert "1st total (s)" in md and "per solve (median, set-up reused)" in md
+
+
+def test_change_every_redoes_the_setup(tmp_path):
+    """--change-every 2: a new geometry at solves 0 and 2, set up there
+    and solved well (PCMG smoothing the old operator took 5x the
+    iterations), reused at 1 and 3."""
+    data, md = bench_json(tmp_path, ["--solvers", "dcdm,cg+hypre,cg+mg", "--solves", "4",
+                                     "--change-every", "2"])
+    for r in data["results"]:
+        assert r["change_every"] == 2 and r["converged"], r
+        assert [p > 0 for p in r["pc_setups"]] == [True, False, True, False], r
+        assert r["setups"] == 2
+        its = r["iteration_counts"]
+        assert its[2] <= 2 * its[0] + 2, r
+        assert r["amortised_s"] == pytest.approx((sum(r["setup_times"]) + sum(r["solve_times"])) / 4)
+    assert "a new geometry every 2 solves" in md
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--solves", "0"], "--solves must be >= 1, got 0"),
+    (["--solves", "3", "--change-every", "3"], "--change-every must be >= 1 and below --solves (3)"),
+    (["--solves", "3", "--change-every", "0"], "--change-every must be >= 1"),
+    (["--solvers", "dcdm,cg+amg"], "unknown solver(s) ['cg+amg']"),
+])
+def test_bench_bad_repeat_options(tmp_path, args, what):
+    r = run_cli(["bench", "--sizes", "8", "--out", tmp_path / "x", *args])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

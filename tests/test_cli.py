@@ -233,3 +233,19 @@ def test_flags_with_generated_scene_is_refused(tmp_path):
     r = run_cli(["solve", "--scene", "smoke", "--flags", tmp_path / "f.npy"])
     check_one_line_error(r)
     assert "--scene file" in r.stderr
+
+
+def test_every_option_has_a_help_line():
+    """Issue 17: `deepcd <command> --help` explains every option."""
+    import argparse
+    from deepcd_petsc.cli import build_parser
+    top = build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(cmd, opt.option_strings) for cmd, p in subs.choices.items()
+               for opt in p._actions
+               if opt.option_strings and not isinstance(opt, argparse._HelpAction)
+               and not (opt.help or "").strip()]
+    assert not missing, missing
+    assert {"solve", "bench", "train", "evaluate", "kernels", "info"} <= set(subs.choices)
+    r = run_cli(["bench", "--help"])
+    assert r.returncode == 0 and "--change-every" in r.stdout and "--solves" in r.stdout, r.stdout
