@@ -189,6 +189,9 @@ class PressureSolver:
             rec["network_rebuilt"] = ctx.evaluator is not self.evaluator
             self.evaluator = ctx.evaluator
             rec["model_loads"] = len(self.nets)
+            split = getattr(ctx, "setup_s", {}) if rec["network_rebuilt"] else {}
+            for k in ("geometry", "evaluator"):   # where a network rebuild's time goes
+                rec[f"network_{k}_s"] = split.get(k, 0.0)
         return rec
 
     def destroy(self):

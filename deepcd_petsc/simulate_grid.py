@@ -23,7 +23,7 @@ from scipy.ndimage import map_coordinates
 
 from .errors import UserError
 from .layout import Layout
-from .problem import _local, assemble_csr, closed_regions
+from .problem import _local, closed_regions
 from .scenes import FLUID, SOLID, padded
 
 UNIT = np.eye(3, dtype=int)
@@ -240,13 +240,56 @@ class Grid:
         return self.fill_slots(np.nan_to_num(U, nan=0.0))
 
     # -- the pressure system --------------------------------------------------
+    def _pattern(self):
+        """Column indices of the full 7-point pattern of the own rows, each
+        row sorted (PETSc's preference), and that sort: computed once, so a
+        new operator costs only its values (problem.assemble_csr, which
+        builds the same matrix, computes them again for every geometry)."""
+        if getattr(self, "_cols", None) is None:
+            from .problem import NEIGHBOURS
+            k, j, i = np.meshgrid(*(np.arange(*r) for r in self.cbox), indexing="ij")
+            cols = np.full((k.size, 7), -1, np.int64)
+            cols[:, 0] = self.layout.petsc_index(k, j, i).ravel()
+            for c, (axis, step) in enumerate(NEIGHBOURS, start=1):
+                idx = [k, j, i]
+                idx[axis] = idx[axis] + step
+                inside = (idx[axis] >= 0) & (idx[axis] < self.n[axis])
+                cols[inside.ravel(), c] = self.layout.petsc_index(
+                    *(a[inside] for a in idx))
+            key = np.where(cols < 0, np.iinfo(np.int64).max, cols)
+            order = np.argsort(key, axis=1, kind="stable")
+            self._cols = np.take_along_axis(cols, order, 1)
+            self._order = (order + 7 * np.arange(len(order))[:, None]).ravel()  # flat: one take
+        return self._cols, self._order
+
+    def _csr(self, pflags):
+        """(indptr, columns, values) of the unit operator of problem.py:
+        fluid row: diagonal = non-solid face neighbours, -1 per fluid
+        neighbour; other rows: unit diagonal."""
+        from petsc4py import PETSc
+        from .problem import NEIGHBOURS, _shift
+        cols, order = self._pattern()
+        f = pflags[1:-1, 1:-1, 1:-1]
+        fluid = (f == FLUID).ravel()
+        vals = np.zeros(cols.shape)
+        diag = np.zeros(fluid.shape)
+        for c, (axis, step) in enumerate(NEIGHBOURS, start=1):
+            nb = _shift(pflags, axis, step).ravel()
+            diag += nb != SOLID
+            vals[:, c] = -1.0 * (fluid & (nb == FLUID))
+        vals[:, 0] = np.where(fluid, diag, 1.0)
+        vals = vals.ravel().take(order).reshape(cols.shape)
+        keep = vals != 0
+        indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(PETSc.IntType)
+        return indptr, cols[keep].astype(PETSc.IntType), vals[keep]
+
     def operator(self, flags, open_faces):
-        """The pressure matrix of these cell flags (problem.assemble_csr,
-        the unit 7-point operator of `deepcd solve`) and its null space
-        (one constant per closed fluid region), or None."""
+        """The pressure matrix of these cell flags (the unit 7-point
+        operator of `deepcd solve`, problem.assemble_csr) and its null
+        space (one constant per closed fluid region), or None."""
         from petsc4py import PETSc
         pflags = _local(padded(flags, open_faces), self.box_xyz)
-        indptr, cols, vals = assemble_csr(pflags, self.box_xyz, self.layout)
+        indptr, cols, vals = self._csr(pflags)
         nloc, N = len(indptr) - 1, int(np.prod(self.n))
         A = PETSc.Mat().createAIJ(size=((nloc, N), (nloc, N)), csr=(indptr, cols, vals),
                                   comm=self.comm)
