@@ -273,8 +273,9 @@ def run_sequence(problem, prefix="", options=None, solves=2, change_every=None,
     stays, so the KSP keeps its set-up (AMG hierarchy, DCDM's network),
     unless `change_every` K: then every K-th solve gets the operator of
     next_problem(j) (j = 1, 2, ...; the caller's geometry sequence, same
-    layout) and a new KSP, whose set-up is timed with that solve. Returns one record per solve: set-up and
-    solve seconds, PCSetUp events, iterations, reason, true residual."""
+    layout) and a new KSP, whose set-up is timed with that solve. Returns
+    one record per solve: set-up and solve seconds, PCSetUp events,
+    iterations, reason, true residual."""
     options = options or {}
     set_options(prefix, options)
     comm = problem.da.getComm()
@@ -286,10 +287,10 @@ def run_sequence(problem, prefix="", options=None, solves=2, change_every=None,
         current, records = problem, []
         for k in range(solves):
             if k and change_every and k % change_every == 0:
-                # a new geometry: a new KSP, its set-up timed in the solve
-                # (PCMG would keep smoothing with the old Mat, PCMGSetUp
-                # reuses the finest level's operator; KSPReset crashes
-                # Python contexts in 3.18)
+                # a new geometry, a new KSP: given a different Mat, PCMG
+                # keeps smoothing with the old one (PCSetUp_MG reuses the
+                # finest level's operator), and KSPReset crashed the
+                # Python contexts (3.18)
                 current = next_problem(k // change_every)
                 owned.append(current)
                 ksp.destroy()
