@@ -63,7 +63,8 @@ class NetworkEvaluator:
         per_xyz = tuple(periodic[::-1]) if periodic is not None else (False,) * 3
         self.dec = Decomposition(self.shape, net.multiple_for(self.shape, per_xyz), self.comm.getSize(),
                                  self.comm.getRank(), ranges=da.getOwnershipRanges(),
-                                 periodic=per_xyz)
+                                 periodic=per_xyz,
+                                 plan=self._plan(net, stencil_local, periodic, mpicomm))
         # the application's split is already aligned: its blocks are ours,
         # and apply() reads and writes the Vecs without the VecScatter
         box = ((xs, xe), (ys, ye), (zs, ze))
@@ -107,6 +108,22 @@ class NetworkEvaluator:
                 self.geo = self.net.prepare(torch.as_tensor(block), _tensor(dblock), dtype=dtype,
                                             device=self.device, halo=self.halo,
                                             **self._stencil_kw(sblock, periodic))
+
+    def _plan(self, net, stencil_local, periodic, mpicomm):
+        """The network's coarsening plan for the whole grid, from the
+        operator's axis strengths summed over the ranks (the same on every
+        rank, and the serial plan); None: uniform alignment."""
+        from .mgnet import MGNet, axis_strengths
+        if not isinstance(net, MGNet):
+            return None
+        strengths = None
+        if stencil_local is not None:
+            from mpi4py import MPI
+            mine = axis_strengths(np.asarray(stencil_local).reshape((7,) + self.local_shape))
+            strengths = np.empty_like(mine)
+            mpicomm.Allreduce(mine, strengths, op=MPI.SUM)
+        shape_zyx = self.shape[::-1]
+        return net.plan_for(shape_zyx, periodic, strengths)
 
     def _stencil_kw(self, st, periodic=None):
         """prepare()'s stencil and periodic arguments: only networks that

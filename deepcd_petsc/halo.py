@@ -1,9 +1,10 @@
 """Distributed evaluation support: an aligned block decomposition of the
 padded grid and the halo exchange that each 3×3×3 convolution calls.
 
-Why aligned blocks: the network pools 2×2×2 (levels-1) times; a rank's block
-must start and end on multiples of 2^(levels-1) for its pooled cells to be
-the serial ones. The user's DMDA split is arbitrary: evaluator.py uses it
+Why aligned blocks: the network pools 2×2×2 (levels-1) times (fewer along
+the weak axes of a semi-coarsened operator); a rank's block must start and
+end on multiples of the product of its pooling factors along each axis for
+its pooled cells to be the serial ones. The user's DMDA split is arbitrary: evaluator.py uses it
 as it is when it happens to be aligned, and otherwise moves the field to
 this decomposition with one PETSc VecScatter each way.
 """
@@ -26,20 +27,32 @@ class Decomposition:
     """Px×Py×Pz blocks over the grid padded to `multiple`; ranks beyond
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
 
-    def __init__(self, shape_xyz, multiple, size, rank, ranges=None, periodic=(False,) * 3):
-        """`ranges`: the application's DMDA ownership (cells per process
-        along x, y, z); used as it is when already aligned, so that no
-        scatter is needed (evaluator.py). `periodic` (x, y, z): the halo
-        wraps along those axes (their lengths are multiples of
-        `multiple`: no padding there)."""
+    def __init__(self, shape_xyz, multiple, size, rank, ranges=None, periodic=(False,) * 3,
+                 plan=None):
+        """`multiple`: the block alignment, one for all axes (2^(levels−1)),
+        or None with `plan`: the network's coarsening factors per level,
+        (fz, fy, fx) each (mgnet.coarsening_plan; semi-coarsened levels
+        align each axis to its own multiple). `ranges`: the application's
+        DMDA ownership (cells per process along x, y, z); used as it is when
+        already aligned, so that no scatter is needed (evaluator.py).
+        `periodic` (x, y, z): the halo wraps along those axes (their lengths
+        are multiples of the alignment: no padding there)."""
         self.shape = tuple(int(s) for s in shape_xyz)
         self.periodic = tuple(bool(p) for p in periodic)
-        for n, per in zip(self.shape, self.periodic):
-            if per and n % multiple:
-                raise ValueError(f"periodic axis of {n} cells is not a multiple of {multiple}")
-        self.multiple = multiple
-        units = [-(-s // multiple) for s in self.shape]
-        self.padded = tuple(u * multiple for u in units)
+        if plan is None:
+            plan = [(2, 2, 2)] * (int(multiple).bit_length() - 1)
+        self.plan = [tuple(f) for f in plan]
+        # cumulative (z, y, x) divisors of each level, finest first
+        self.divisors = [(1, 1, 1)]
+        for f in self.plan:
+            self.divisors.append(tuple(d * k for d, k in zip(self.divisors[-1], f)))
+        self.multiples = tuple(reversed(self.divisors[-1]))       # (x, y, z)
+        self.multiple = max(self.multiples)
+        for n, per, m in zip(self.shape, self.periodic, self.multiples):
+            if per and n % m:
+                raise ValueError(f"periodic axis of {n} cells is not a multiple of {m}")
+        units = [-(-s // m) for s, m in zip(self.shape, self.multiples)]
+        self.padded = tuple(u * m for u, m in zip(units, self.multiples))
         self.rank = rank
         if ranges is not None and self._use_aligned(ranges, size):
             return
@@ -56,13 +69,13 @@ class Decomposition:
                 best = (key, (px, py, pz))
         self.procs = best[1]
         self.active_ranks = int(np.prod(self.procs))
-        self.starts = [_split(u, p) * multiple for u, p in zip(units, self.procs)]
+        self.starts = [_split(u, p) * m for u, p, m in zip(units, self.procs, self.multiples)]
         self._place()
 
     def _use_aligned(self, ranges, size):
         sizes = [np.asarray(r, dtype=int) for r in ranges]
         if int(np.prod([len(r) for r in sizes])) != size or any(
-                (r[:-1] % self.multiple).any() for r in sizes):
+                (r[:-1] % m).any() for r, m in zip(sizes, self.multiples)):
             return False
         self.procs = tuple(len(r) for r in sizes)
         self.active_ranks = size
@@ -123,11 +136,11 @@ class HaloExchange:
 
     def level_shape(self, level):
         """(D, H, W) of the whole padded grid at a coarse level."""
-        return tuple(n // 2 ** level for n in reversed(self.dec.padded))
+        return tuple(n // d for n, d in zip(reversed(self.dec.padded), self.dec.divisors[level]))
 
     def _level_offset(self, level):
         (x0, _), (y0, _), (z0, _) = self.dec.block
-        return tuple(v // 2 ** level for v in (z0, y0, x0))
+        return tuple(v // d for v, d in zip((z0, y0, x0), self.dec.divisors[level]))
 
     def gather_level(self, x, level):
         """The whole level-`level` field on every active rank from the
@@ -156,8 +169,8 @@ class HaloExchange:
     def own_block(self, x, level):
         """This rank's block of a whole-level field."""
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block
-        f = 2 ** level
-        return x[..., z0 // f:z1 // f, y0 // f:y1 // f, x0 // f:x1 // f]
+        fz, fy, fx = self.dec.divisors[level]
+        return x[..., z0 // fz:z1 // fz, y0 // fy:y1 // fy, x0 // fx:x1 // fx]
 
     def __call__(self, x, w):
         return self.fill(F.pad(x, (w,) * 6), w)

@@ -400,3 +400,48 @@ void deepcd_mgc_restrict(int D, int H, int W, const float *xp, const float *b, c
             for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * 0.125f * cmask[v + X];
         }
 }
+
+/* ---- semi-coarsened levels: factors fz, fy, fx ∈ {1, 2} per axis ----
+ * The same restriction (average of the children's residuals) and
+ * prolongation as above for aggregates of fz × fy × fx cells (anisotropic
+ * operators coarsen only their strongly coupled axes, mgnet.coarsening_plan). */
+void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
+                           const float *b, const float *diag, const float *coef,
+                           const float *cmask, float *cb, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
+    float inv = 1.0f / (float)(fz * fy * fx);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int Z = 0; Z < Dc; Z++)
+        for (int Y = 0; Y < Hc; Y++) {
+            float acc[Wc > 0 ? Wc : 1];
+            for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
+            for (int dz = 0; dz < fz; dz++)
+                for (int dy = 0; dy < fy; dy++) {
+                    int z = fz * Z + dz, y = fy * Y + dy;
+                    long u = ((long)z * H + y) * W;
+                    const float *c = ROW(xp, z, y, H2, W2);
+                    for (int x = 0; x < W; x++)
+                        acc[x / fx] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                }
+            long v = ((long)Z * Hc + Y) * Wc;
+            for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * inv * cmask[v + X];
+        }
+}
+
+void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const float *e, float scale,
+                         const float *fluid, float *xp, int nt)
+{
+    long H2 = H + 2, W2 = W + 2;
+    int Hc = H / fy, Wc = W / fx;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *ec = e + ((long)(z / fz) * Hc + y / fy) * Wc, *fu = fluid + u;
+            float *xo = ROW(xp, z, y, H2, W2);
+            for (int x = 0; x < W; x++)
+                xo[x] += scale * ec[x / fx] * fu[x];
+        }
+}

@@ -82,6 +82,9 @@ MG_SIGNATURES = {
     "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
     "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int],
     "deepcd_mgc_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
+    # semi-coarsened levels (factors per axis)
+    "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
+    "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
 }
 
 
@@ -534,6 +537,16 @@ class CKernels:
     def prolong(self, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong(*fluid.shape, e.data_ptr(), float(scale), fluid.data_ptr(),
                                    xp.data_ptr(), self.nt())
+
+    def restrict_s(self, factors, xp, b, diag, coef, cmask, cb):
+        """restrict_c for aggregates of factors (fz, fy, fx) cells."""
+        self.lib.deepcd_mgc_restrict_s(*b.shape, *factors, xp.data_ptr(), b.data_ptr(),
+                                       diag.data_ptr(), coef.data_ptr(), cmask.data_ptr(),
+                                       cb.data_ptr(), self.nt())
+
+    def prolong_s(self, factors, e, scale, fluid, xp):
+        self.lib.deepcd_mg_prolong_s(*fluid.shape, *factors, e.data_ptr(), float(scale),
+                                     fluid.data_ptr(), xp.data_ptr(), self.nt())
 
 
 def vcycle_kernels():

@@ -99,10 +99,22 @@ def coupled_sum(x, coef, halo=None):
     return out
 
 
-def _children(x):
-    """(N, C, D/2, 2, H/2, 2, W/2, 2) view of the 2×2×2 children."""
+def _children(x, f=(2, 2, 2)):
+    """(N, C, D/fz, fz, H/fy, fy, W/fx, fx) view of the aggregates' children."""
     n, c, d, h, w = x.shape
-    return x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2)
+    fz, fy, fx = f
+    return x.reshape(n, c, d // fz, fz, h // fy, fy, w // fx, fx)
+
+
+def restrict_avg(x, f=(2, 2, 2)):
+    """The children's average (pool2 for any factors)."""
+    return pool2(x) if tuple(f) == (2, 2, 2) else _children(x, f).mean(dim=(3, 5, 7))
+
+
+def prolong_nearest(e, f=(2, 2, 2)):
+    """Each coarse value copied to its children."""
+    return F.interpolate(e, scale_factor=tuple(f), mode="nearest") if tuple(f) == (2, 2, 2) \
+        else e.repeat_interleave(f[0], 2).repeat_interleave(f[1], 3).repeat_interleave(f[2], 4)
 
 
 # a coarse face sums the 2×2 fine faces across it; Galerkin coarsening
@@ -112,24 +124,91 @@ GALERKIN_FACTOR = 4.0
 # over-correction on top of the energy-optimal coarse weight (levels with
 # coefficients)
 ADAPTIVE = 2.0
+# semi-coarsening: an axis is coarsened when its coupling strength is at
+# least this fraction of the strongest coarsenable axis' (hypre PFMG
+# coarsens only the strongest; keeping the near-strongest too keeps
+# isotropic operators on full coarsening and the level count low)
+SEMI_THRESHOLD = 0.5
 
 
-def galerkin_coarsen(diag, coef, active):
-    """PᵀAP / GALERKIN_FACTOR for piecewise-constant aggregation of 2×2×2
-    cells: a coarse face coupling sums the fine couplings across that face,
-    a coarse diagonal the children's diagonals minus the couplings between
-    children. diag (N, 1, ...) and coef (N, 6, ...) of active rows only."""
-    d = _children(diag * active).sum(dim=(3, 5, 7))
-    cf = _children(coef)
+def galerkin_factor(f):
+    """The division of a coarse Galerkin stencil for aggregates of factors
+    f: GALERKIN_FACTOR for 2×2×2, proportionally less for fewer children."""
+    return GALERKIN_FACTOR * math.prod(f) / 8
+
+
+def galerkin_coarsen(diag, coef, active, f=(2, 2, 2)):
+    """PᵀAP / galerkin_factor(f) for piecewise-constant aggregation of
+    fz×fy×fx cells: a coarse face coupling sums the fine couplings across
+    that face, a coarse diagonal the children's diagonals minus the
+    couplings between children. diag (N, 1, ...) and coef (N, 6, ...) of
+    active rows only."""
+    d = _children(diag * active, f).sum(dim=(3, 5, 7))
+    cf = _children(coef, f)
     out = []
-    for f, (axis, step) in enumerate(_FACES):
+    for fi, (axis, step) in enumerate(_FACES):
         dim = {-3: 3, -2: 5, -1: 7}[axis]
-        outer = cf[:, f:f + 1].select(dim, 1 if step > 0 else 0)
-        inner = cf[:, f:f + 1].select(dim, 0 if step > 0 else 1)
+        k = f[axis + 3]
+        outer = cf[:, fi:fi + 1].select(dim, k - 1 if step > 0 else 0)
         rest = tuple(x - (1 if x > dim else 0) for x in (3, 5, 7) if x != dim)
         out.append(outer.sum(dim=rest))
-        d = d - inner.sum(dim=rest)
-    return d / GALERKIN_FACTOR, torch.cat(out, 1) / GALERKIN_FACTOR
+        if k > 1:
+            inner = cf[:, fi:fi + 1].select(dim, 0 if step > 0 else k - 1)
+            d = d - inner.sum(dim=rest)
+    g = galerkin_factor(f)
+    return d / g, torch.cat(out, 1) / g
+
+
+def axis_strengths(stencil):
+    """[Σz, Σy, Σx, n]: per-cell coupling fractions per axis, (c₋ + c₊)/Σc,
+    summed over the n rows with couplings. Scale-free; summable across
+    ranks (the plan must be the same on every rank). stencil (7, D, H, W)."""
+    st = torch.as_tensor(stencil, dtype=torch.float64)
+    c = st[1:7].reshape(3, 2, -1).sum(1).clamp(min=0)
+    tot = c.sum(0)
+    keep = tot > 0
+    frac = c[:, keep] / tot[keep]
+    return torch.cat([frac.sum(1), torch.tensor([float(keep.sum())], dtype=torch.float64)]).numpy()
+
+
+def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
+    """Per coarsening, the factors (fz, fy, fx), each 1 or 2. Without
+    `strengths` (flags: the unit operator) full coarsening to the levels of
+    levels_for. With an operator's axis_strengths, PFMG-like semi-coarsening:
+    only the axes coupled at least SEMI_THRESHOLD × the strongest coarsenable
+    axis halve, so that point smoothers still smooth along the weak axes; the
+    strengths are then updated as Galerkin aggregation changes them (a face
+    sums the couplings of the children across it). An axis halves while it
+    keeps ≥ `coarsest` cells (periodic: while 2 divides its length); no
+    semi-coarsening below DENSE_CELLS cells (that level is solved exactly:
+    a 16×14×12 density scene took 12 iterations with one more, 8 without).
+    """
+    per = tuple(periodic or (False,) * 3)
+    if strengths is None:
+        return [(2, 2, 2)] * (levels_for(shape, max_levels, coarsest, per) - 1)
+    tot = float(sum(strengths[:3]))
+    # rounded: sums over ranks differ from the serial sum in the last bits
+    s = [round(float(v) / tot, 9) for v in strengths[:3]] if tot > 0 else [1.0, 1.0, 1.0]
+    cum = [1, 1, 1]
+    plan = []
+    while len(plan) < max_levels - 1:
+        can = [int(n) / (2 * c) >= coarsest and (not p or int(n) % (2 * c) == 0)
+               for n, c, p in zip(shape, cum, per)]
+        if not any(can):
+            break
+        smax = max(v for v, ok in zip(s, can) if ok)
+        f = tuple(2 if ok and v >= SEMI_THRESHOLD * smax * (1 - 1e-6) else 1 for v, ok in zip(s, can))
+        if f != (2, 2, 2) and math.prod(-(-int(n) // c) for n, c in zip(shape, cum)) <= DENSE_CELLS:
+            break     # solved exactly as it is: a semi-coarsened level more only loses accuracy
+        s = [v * math.prod(f) / f[a] for a, v in enumerate(s)]
+        cum = [c * k for c, k in zip(cum, f)]
+        plan.append(f)
+    return plan
+
+
+def plan_multiples(plan):
+    """(z, y, x) padding multiples of a plan: the product of its factors."""
+    return tuple(math.prod(f[a] for f in plan) for a in range(3))
 
 
 def levels_for(shape, max_levels, coarsest, periodic=None):
@@ -263,6 +342,12 @@ class MGNet(nn.Module):
         """Grid padding and distributed block alignment for a grid."""
         return 2 ** (self.levels_for(shape, periodic) - 1)
 
+    def plan_for(self, shape, periodic=None, strengths=None):
+        """The coarsening factors per level (coarsening_plan), within the
+        run-time level cap."""
+        plan = coarsening_plan(shape, self.max_levels, self.coarsest, periodic, strengths)
+        return plan[:self.level_cap - 1] if self.level_cap else plan
+
     @property
     def levels(self):
         return self.max_levels
@@ -320,13 +405,14 @@ class MGNet(nn.Module):
             flags = flags[:, None]
         shape = tuple(flags.shape[-3:])
         if halo is not None:
-            L = int(round(math.log2(halo.dec.multiple))) + 1
+            plan = halo.dec.plan
             pad = [0, 0, 0]
         else:
-            L = self.levels_for(shape, periodic)
-            m = 2 ** (L - 1)
-            pad = [(-s) % m for s in shape]
+            plan = self.plan_for(shape, periodic, None if stencil is None
+                                 else axis_strengths(torch.as_tensor(stencil).reshape((7,) + shape)))
+            pad = [(-s) % m for s, m in zip(shape, plan_multiples(plan))]
             halo = wrap
+        L = len(plan) + 1
         flags = F.pad(flags, (0, pad[2], 0, pad[1], 0, pad[0]), value=SOLID)
         fl = (flags == FLUID).float()
         air = (flags == AIR).float()
@@ -358,20 +444,21 @@ class MGNet(nn.Module):
                            1) * fl.double()
         for l in range(L):
             if l > 0:
+                f = plan[l - 1]
                 if sd is not None:
-                    scale = F.avg_pool3d((sd * fl.double()).abs(), 2) * 8
-                    sd, sc = galerkin_coarsen(sd, sc, fl.double())
+                    scale = F.avg_pool3d((sd * fl.double()).abs(), f) * math.prod(f)
+                    sd, sc = galerkin_coarsen(sd, sc, fl.double(), f)
                     # a closed pocket inside one aggregate coarsens to a zero
                     # row (its constant is in A's null space): inactive
                     dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
-                    fl = F.max_pool3d(fl, 2) * (~dead).float()
-                    air = F.max_pool3d(air, 2) * (1 - fl)
-                    open_ = F.max_pool3d(open_, 2) * fl     # shape only: unused here
+                    fl = F.max_pool3d(fl, f) * (~dead).float()
+                    air = F.max_pool3d(air, f) * (1 - fl)
+                    open_ = F.max_pool3d(open_, f) * fl     # shape only: unused here
                 else:
                     # a coarse cell is air if any child is, else fluid if any child is
-                    air = F.max_pool3d(air, 2)
-                    fl = F.max_pool3d(fl, 2) * (1 - air)
-                    open_ = F.max_pool3d(open_, 2) * fl
+                    air = F.max_pool3d(air, f)
+                    fl = F.max_pool3d(fl, f) * (1 - air)
+                    open_ = F.max_pool3d(open_, f) * fl
             lh = halo
             if g is not None and l >= g:
                 # from level g on the whole level on every rank, as serially
@@ -389,12 +476,18 @@ class MGNet(nn.Module):
                 feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
                 lv["coef"] = sc.to(dtype)
-                # n_c·c/Σc over the n_c coupled faces: 1 wherever the
-                # couplings are equal (the unit operator, walls included)
+                # c / √(c_max · c_mean) over the coupled faces, at most 1: 1
+                # wherever the couplings are equal (the unit operator, walls
+                # included), so the learned taps act as trained there; never
+                # above 1, since the taps were learned on isotropic scenes and
+                # amplified along strong axes they diverged on anisotropic
+                # cells (64³ aniso: 95 iterations with n_c·c/Σc, 15 with this)
                 csum = sc.sum(1, keepdim=True)
                 nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
-                lv["tapw"] = torch.where(csum > 0, nc * sc / csum.clamp(min=1e-300),
-                                         torch.zeros_like(sc)).to(dtype)
+                cm = sc.amax(1, keepdim=True)
+                mean = csum / nc.clamp(min=1)
+                lv["tapw"] = torch.where(csum > 0, sc / (cm * mean).clamp(min=1e-300).sqrt(),
+                                         torch.zeros_like(sc)).clamp(max=1).to(dtype)
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
@@ -402,6 +495,8 @@ class MGNet(nn.Module):
                 geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             lv.update({
+                # the coarsening to the next level (fz, fy, fx)
+                "factors": plan[l] if l < L - 1 else None,
                 "gathered": g is not None and l >= g,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
@@ -409,7 +504,7 @@ class MGNet(nn.Module):
                 "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
             levels.append(lv)
         geo = {"shape": shape, "pad": pad, "levels": levels, "L": L, "wrap": wrap,
-               "halo": mh}
+               "halo": mh, "plan": plan}
         bottom = levels[-1]
         cells = math.prod(bottom["fluid"].shape[-3:])
         if (geo["halo"] is None or bottom["gathered"]) and cells <= DENSE_CELLS \
@@ -500,8 +595,9 @@ class MGNet(nn.Module):
             return self._smooth(self.bottom, lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         x = self._smooth(self.pre[l], lv["gates"][0], lv, b, None, halo, lv["taps"][0])
         r = b - self._apply_A(lv, x, halo)
-        e, w = self._coarse(geo, l, pool2(r) * self._coarse_mask(geo, l, whole), whole)
-        e = F.interpolate(e, scale_factor=2, mode="nearest") * lv["fluid"]
+        f = lv["factors"]
+        e, w = self._coarse(geo, l, restrict_avg(r, f) * self._coarse_mask(geo, l, whole), whole)
+        e = prolong_nearest(e, f) * lv["fluid"]
         x = x + (self.coarse_scale[l].to(x.dtype) if w is None else w) * e
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
@@ -528,13 +624,14 @@ class MGNet(nn.Module):
         lc = geo["levels"][l + 1]
         if "coef" not in lc or not geo.get("adaptive", ADAPTIVE):
             return e, None
-        return e, self._energy_step(geo, lc, e, cb, whole, kern is not None)
+        f = geo["levels"][l]["factors"]
+        return e, self._energy_step(geo, lc, e, cb, whole, kern is not None, f)
 
-    def _energy_step(self, geo, lc, e, cb, whole, flat=False):
+    def _energy_step(self, geo, lc, e, cb, whole, flat=False, f=(2, 2, 2)):
         """ADAPTIVE × the coarse correction's energy-optimal weight
         eᵀr / eᵀAe, with e = P e_c and r the fine residual, computed on the
-        coarse level (per field of a batch): Pᵀr = 8·cb (cb the average)
-        and PᵀAP = GALERKIN_FACTOR·A_c. With coefficients no fixed weight
+        coarse level (per field of a batch): Pᵀr = |f|·cb (cb the average
+        over the |f| children) and PᵀAP = galerkin_factor(f)·A_c. With coefficients no fixed weight
         fits every operator (the flag scenes' learned 4 over-corrects jumps,
         2 under-corrects isotropic levels). Scale-free, so the network stays
         positively homogeneous; global sums on several ranks."""
@@ -542,8 +639,8 @@ class MGNet(nn.Module):
             e, cb = e[None, None], cb[None, None]
         ae = self._apply_A(lc, e, self._level_halo(geo, whole))
         dims = tuple(range(1, e.dim()))
-        num = 8 * (e * cb).sum(dims)
-        den = GALERKIN_FACTOR * (e * ae).sum(dims)
+        num = math.prod(f) * (e * cb).sum(dims)
+        den = galerkin_factor(f) * (e * ae).sum(dims)
         if geo["halo"] is not None and not whole:
             both = geo["halo"].allreduce(torch.stack([num, den]))
             num, den = both[0], both[1]
@@ -704,12 +801,19 @@ class MGNet(nn.Module):
             halo.fill(xp, 1)
         if "cmask" not in f:
             f["cmask"] = self._coarse_mask(geo, l, whole)[0, 0].contiguous()
-        cb = torch.empty(D // 2, H // 2, W // 2, dtype=torch.float32, device=b.device)
-        if "coef" in f:
+        fac = lv["factors"]
+        full = tuple(fac) == (2, 2, 2)
+        cb = torch.empty(D // fac[0], H // fac[1], W // fac[2], dtype=torch.float32, device=b.device)
+        if not full:
+            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb)
+        elif "coef" in f:
             kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
         else:
             kern.restrict(xp, b, f["diag"], f["fluid"], f["cmask"], cb)
         e, wgt = self._coarse(geo, l, cb, whole, kern)
-        kern.prolong(e.contiguous(), float(self.coarse_scale[l]) if wgt is None else wgt,
-                     f["fluid"], xp)
+        wgt = float(self.coarse_scale[l]) if wgt is None else wgt
+        if full:
+            kern.prolong(e.contiguous(), wgt, f["fluid"], xp)
+        else:
+            kern.prolong_s(fac, e.contiguous(), wgt, f["fluid"], xp)
         return self._smooth_fused(kern, f, 1, b, halo, False, out)

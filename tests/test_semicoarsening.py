@@ -1,0 +1,135 @@
+"""Semi-coarsening of anisotropic operators (mgnet.coarsening_plan): the
+plan, the Galerkin property of semi-coarsened levels, the aligned
+decomposition that carries a plan across ranks, and what it buys."""
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from helpers import run_cli, run_cli_mpi
+from test_stencil import local_shape, max_abs, nat, problem, stencil_matrix, to_scipy
+
+from deepcd_petsc import stencil
+from deepcd_petsc.halo import Decomposition
+from deepcd_petsc.mgnet import (DENSE_CELLS, axis_strengths, coarsening_plan, galerkin_coarsen,
+                                galerkin_factor, levels_for, plan_multiples)
+from deepcd_petsc.scenes import FLUID
+
+DCDM = ["-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_dcdm_threads", "1"]
+
+
+# ------------------------------------------------------------------ the plan
+@pytest.mark.parametrize("shape", [(64, 64, 64), (32, 48, 64), (17, 33, 129), (8, 8, 8)])
+def test_isotropic_cube_plan_is_full_coarsening(shape):
+    plan = coarsening_plan(shape, 7, 4, strengths=(1.0, 1.0, 1.0, 10))
+    full = levels_for(shape, 7, 4) - 1
+    # full coarsening while every axis can; then only the long axes, and
+    # never a semi-coarsened level below DENSE_CELLS cells
+    assert plan[:full] == [(2, 2, 2)] * full
+    cells = np.prod(shape) / 8 ** full
+    for f in plan[full:]:
+        assert cells > DENSE_CELLS and f != (2, 2, 2)
+        cells /= np.prod(f)
+    assert coarsening_plan(shape, 7, 4) == [(2, 2, 2)] * full        # flags: no strengths
+
+
+def test_anisotropic_plan_coarsens_the_strong_axis_first():
+    # z coupled 16× more strongly than x and y (hz = hx/4): z alone halves
+    # until the Galerkin couplings are within 2× (16 → 8 → 4 → 2), then all
+    plan = coarsening_plan((128, 128, 128), 7, 4, strengths=(16.0, 1.0, 1.0, 1))
+    assert plan[:4] == [(2, 1, 1)] * 3 + [(2, 2, 2)]
+    # weak z (cells stretched along z): x and y first
+    plan = coarsening_plan((128, 128, 128), 7, 4, strengths=(1.0, 16.0, 16.0, 1))
+    assert plan[:4] == [(1, 2, 2)] * 3 + [(2, 2, 2)]
+    assert len(plan) <= 6
+
+
+def test_plan_respects_coarsest_and_periodic_lengths():
+    plan = coarsening_plan((8, 64, 64), 7, 4, strengths=(16.0, 1.0, 1.0, 1))
+    # z stops at 4 cells; a periodic x of 24 cells halves at most 3 times
+    assert plan_multiples(plan)[0] == 2
+    plan = coarsening_plan((64, 64, 24), 7, 4, (False, False, True), strengths=(1.0, 1.0, 1.0, 1))
+    assert 24 % plan_multiples(plan)[2] == 0 and plan_multiples(plan)[2] <= 8
+
+
+@pytest.mark.parametrize("scene,expect", [("aniso", (2, 1, 1)), ("stretch", (1, 2, 2)),
+                                          ("density", (2, 2, 2)), ("perm", (2, 2, 2))])
+def test_family_strengths_choose_the_first_coarsening(scene, expect):
+    from deepcd_petsc.coefficients import scene_operator
+    _, _, st = scene_operator(scene, (32, 32, 32), 11)
+    s = axis_strengths(st.packed())
+    assert s[3] > 0 and np.isclose(s[:3].sum(), s[3])     # fractions of each row sum to 1
+    assert coarsening_plan((32, 32, 32), 7, 4, st.periodic, s)[0] == expect
+
+
+# ------------------------------------------------------------------ Galerkin
+def aggregation(shape_zyx, f):
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")
+    coarse = tuple(n // q for n, q in zip(shape_zyx, f))
+    n = int(np.prod(shape_zyx))
+    return sp.csr_matrix((np.ones(n), (nat(k, j, i, shape_zyx).ravel(),
+                                       nat(k // f[0], j // f[1], i // f[2], coarse).ravel())),
+                         shape=(n, int(np.prod(coarse))))
+
+
+@pytest.mark.parametrize("scene", ["aniso", "density", "periodic"])
+@pytest.mark.parametrize("f", [(2, 1, 1), (1, 2, 2), (1, 1, 2), (2, 2, 1)])
+def test_semicoarsened_galerkin_is_ptap(scene, f):
+    p = problem(scene, (8, 6, 10), seed=3)
+    st = stencil.from_aij(p.da, p.A, local_shape(p.da))
+    active = p.flags == FLUID
+    t = torch.from_numpy
+    a = t(active.astype(np.float64))[None, None]
+    d, c = galerkin_coarsen(t(st.diag)[None, None], t(st.coef)[None] * a, a, f)
+    g = galerkin_factor(f)
+    cd, cc = (d[0, 0] * g).numpy(), (c[0] * g).numpy()
+    D = sp.diags(active.ravel().astype(float))
+    Sa = sp.csr_matrix(D @ to_scipy(p.A) @ D)
+    P = aggregation(p.flags.shape, f)
+    C = sp.csr_matrix(P.T @ Sa @ P)
+    assert max_abs(C - stencil_matrix(cd, cc, p.periodic)) <= 1e-13 * max_abs(C)
+
+
+# ------------------------------------------------------------------ ranks
+def test_decomposition_aligns_each_axis_to_its_plan():
+    plan = [(2, 1, 1), (2, 1, 1), (2, 2, 2)]          # (z, y, x) factors
+    d = Decomposition((24, 20, 40), None, 4, 0, plan=plan)      # (x, y, z)
+    assert d.multiples == (2, 2, 8) and d.padded == (24, 20, 40)
+    for r in range(4):
+        dr = Decomposition((24, 20, 40), None, 4, r, plan=plan)
+        for (lo, hi), m in zip(dr.block, dr.multiples):
+            assert lo % m == 0 and hi % m == 0
+    assert Decomposition((24, 20, 40), 4, 4, 0).plan == [(2, 2, 2)] * 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("scene", ["aniso", "stretch"])
+def test_semicoarsened_levels_on_ranks_equal_serial(scene):
+    """Semi-coarsened levels on 2 and 4 ranks (blocks aligned per axis):
+    serial iterations and solution to rounding."""
+    args = ["solve", "--scene", scene, "--shape", "20,24,32", "--seed", "4", "--json",
+            "-ksp_rtol", "1e-6", *DCDM]
+    out = {}
+    for n in (1, 2, 4):
+        r = run_cli_mpi(n, args)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    for n in (2, 4):
+        assert out[n]["iterations"] == out[1]["iterations"], out
+        assert abs(out[n]["true_residual"] - out[1]["true_residual"]) <= 2e-2 * out[1]["true_residual"]
+
+
+# ------------------------------------------------------------------ what it buys
+@pytest.mark.parametrize("scene,seed", [("aniso", 13), ("stretch", 13)])
+def test_anisotropic_families_not_worse_than_gamg(scene, seed):
+    its = {}
+    for name, opts in (("dcdm", DCDM), ("gamg", ["-ksp_type", "cg", "-pc_type", "gamg"])):
+        r = run_cli(["solve", "--scene", scene, "--n", "32", "--seed", str(seed), "--json",
+                     "-ksp_rtol", "1e-6", *opts])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["true_residual"] <= 1e-6
+        its[name] = res["iterations"]
+    assert its["dcdm"] <= its["gamg"], its
