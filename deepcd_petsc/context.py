@@ -27,6 +27,7 @@ class NetworkContext:
         self.grid = None
         self.net = None
         self.ckpt = None
+        self.loaded = None         # _model_key() of the loaded network
         self.evaluator = None
         self.setup_s = {}
         self.rows_dinv = None      # D⁻¹ on kept Dirichlet rows (else None)
@@ -107,7 +108,9 @@ class NetworkContext:
         if rebuild and (state == self.op_state or self.flags is not None):
             return          # unchanged; set_flags geometry does not follow A's values
         t0 = time.perf_counter()
-        if not rebuild:
+        if not rebuild and self._model_key() != self.loaded:
+            # set_flags or a new operator keeps the loaded model: a time
+            # stepping code calling set_flags every step reloaded it each time
             self._load_model(obj, A)
         t1 = time.perf_counter()
         before = self.derived
@@ -135,6 +138,12 @@ class NetworkContext:
                         "evaluator": time.perf_counter() - t2}
         self.op_state = state
 
+    def _model_key(self):
+        """What the loaded network depends on: another value reloads it."""
+        from .model import default_model_path
+        return (self.model_path or default_model_path(), self.dtype, self.device, self.levels,
+                self.threads)
+
     def _load_model(self, obj, A):
         import torch
         from .memory import tune_malloc
@@ -155,6 +164,7 @@ class NetworkContext:
                 raise SetupError(f"-{self.option_prefix(obj)}levels: the model {path!r} "
                                  f"has a fixed depth (U-Net); the option is for V-cycle models")
             self.net.level_cap = self.levels
+        self.loaded = self._model_key()
 
     def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the
@@ -324,8 +334,13 @@ class NetworkContext:
             return
         p(f"  model: {self.model_path}\n")
         shape = self.evaluator.shape if self.evaluator is not None else None
-        p(f"    {self.net.describe(shape)}; {self.net.n_params()} parameters, "
-          f"receptive field {self.net.receptive_field(self.net.levels_for(shape) if shape else None)} cells\n")
+        geo = getattr(self.evaluator, "geo", None)
+        plan = geo.get("plan") if isinstance(geo, dict) else None
+        levels = (len(plan) + 1 if plan is not None
+                  else self.net.levels_for(shape) if shape else None)
+        desc = self.net.describe(shape, levels) if plan is not None else self.net.describe(shape)
+        p(f"    {desc}; {self.net.n_params()} parameters, "
+          f"receptive field {self.net.receptive_field(levels)} cells\n")
         meta = self.ckpt.get("meta", {})
         if meta:
             p(f"    trained: scenes {meta.get('scenes')}, sizes {meta.get('n')}, "
@@ -335,6 +350,9 @@ class NetworkContext:
         p(f"  grid: {self.grid_source}; geometry: {self.geometry_source}\n")
         if self.operator_path:
             p(f"  network levels apply: {self.operator_path}\n")
+        if plan is not None:
+            from .mgnet import describe_plan
+            p(f"  network coarsening (axes halved per level): {describe_plan(plan)}\n")
         if self.setup_s:
             p("  set-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.setup_s.items()) + "\n")
         ev = self.evaluator

@@ -206,6 +206,11 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     return plan
 
 
+def describe_plan(plan):
+    """'zyx, zyx, z' style: the axes each coarsening halves (-ksp_view)."""
+    return ", ".join("".join(a for a, k in zip("zyx", f) if k == 2) for f in plan) or "none"
+
+
 def plan_multiples(plan):
     """(z, y, x) padding multiples of a plan: the product of its factors."""
     return tuple(math.prod(f[a] for f in plan) for a in range(3))
@@ -378,8 +383,12 @@ class MGNet(nn.Module):
     def n_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def describe(self, shape=None):
-        depth = (f"{self.levels_for(shape)} levels (at most {self.max_levels})" if shape is not None
+    def describe(self, shape=None, levels=None):
+        """`levels`: the prepared geometry's (semi-coarsening may differ
+        from the flags rule levels_for)."""
+        if levels is None and shape is not None:
+            levels = self.levels_for(shape)
+        depth = (f"{levels} levels (at most {self.max_levels})" if levels is not None
                  else f"up to {self.max_levels} levels")
         return (f"V-cycle network, {depth}, "
                 f"{self.nu}+{self.nu} smoothing steps, {self.coarse_its} on the coarsest level")

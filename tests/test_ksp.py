@@ -651,3 +651,27 @@ def test_monitor_true_residual_matches():
     assert len(pairs) >= 5, r.stdout
     for rec, true in pairs:
         assert true == pytest.approx(rec, rel=1e-6, abs=1e-12 * pairs[0][0]), (rec, true)
+
+
+def test_set_flags_keeps_the_loaded_model(problems):
+    """A time-stepping code calls set_flags every step: the network is
+    rebuilt for the new flags, the model is not read again; a new dtype
+    reloads it."""
+    p = problems("spheres")
+    with make_ksp(p.A, "keep_", {**DCDM, "ksp_rtol": 1e-6}, da=p.da, flags=(p.flags, p.open_faces)) as ksp:
+        ctx = ksp.getPythonContext()
+        solve(ksp, p)[3].destroy()
+        net, ev = ctx.net, ctx.evaluator
+        flags = p.flags.copy()
+        flags[0, 0, 0] = 1                      # a new obstacle cell
+        set_flags(ksp, flags, p.open_faces)
+        reason, its, res, x = solve(ksp, p)
+        x.destroy()
+        assert ctx.net is net and ctx.evaluator is not ev and ctx.setup_s["model"] < 1e-3
+        PETSc.Options("keep_").setValue("ksp_dcdm_dtype", "float64")
+        ctx.setFromOptions(ksp)
+        set_flags(ksp, p.flags, p.open_faces)
+        solve(ksp, p)[3].destroy()
+        assert ctx.dtype == "float64", ctx.dtype
+        assert ctx.net is not net
+        PETSc.Options("keep_").delValue("ksp_dcdm_dtype")
