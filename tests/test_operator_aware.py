@@ -264,17 +264,12 @@ def _ex45(nx, ny, nz):
     return da, A, b
 
 
-# GAMG's iterations with Debian's PETSc 3.18 (3.26's GAMG takes 12 and 15;
-# DCDM takes 15 and 12 with either)
-GAMG_318 = {(17, 17, 65): 15, (65, 65, 17): 19}
-
-
 @pytest.mark.parametrize("grid", [(17, 17, 65), (65, 65, 17)])
 def test_ex45_anisotropic_grid_not_worse_than_gamg(grid, tmp_path):
-    """ex45 with cells 4x longer in one direction: the coefficient levels
-    (before: the unit flags path, 26 vs GAMG's 19 at 33x33x129). The
-    bound is GAMG of PETSc 3.18; newer GAMG is better on 17x17x65 (12 vs
-    DCDM's 15), so there DCDM must stay within 1.25x of it."""
+    """ex45 with cells 4x longer in one direction: semi-coarsened
+    coefficient levels (11 and 9 iterations; GAMG 16 and 20 on PETSc 3.18,
+    12 and 15 on 3.26; the unit flags path took 26 vs GAMG's 19 at
+    33x33x129, full coarsening 15 on 17x17x65)."""
     da, A, b = _ex45(*grid)
 
     class P:
@@ -292,8 +287,7 @@ def test_ex45_anisotropic_grid_not_worse_than_gamg(grid, tmp_path):
             x.destroy()
             assert reason == "CONVERGED_RTOL" and res <= 1e-6, (name, reason, res)
         assert "coefficients (AIJ)" in text
-        assert its["dcdm"] <= max(its["gamg"], GAMG_318[grid]), its
-        assert its["dcdm"] <= 1.25 * its["gamg"], its
+        assert its["dcdm"] <= its["gamg"], its
     finally:
         for o in (A, b, da):
             o.destroy()
