@@ -102,9 +102,9 @@ class PressureSolver:
 
     A new operator is handed over only when the flags changed. The
     preconditioner is rebuilt at every `lag`-th change and reused otherwise
-    (PCSetReusePreconditioner). DCDM follows the operator itself: its
-    set-up notices the new Mat and rebuilds the network's geometry tensors,
-    keeping the loaded model; `model_loads` counts distinct models seen."""
+    (PCSetReusePreconditioner). DCDM gets the new cell flags through
+    set_flags and rebuilds the network's geometry tensors, keeping the
+    loaded model; `model_loads` counts distinct models seen."""
 
     def __init__(self, grid, lag):
         from petsc4py import PETSc
@@ -125,12 +125,18 @@ class PressureSolver:
         PETSc.Log.begin()
         self.pc_event = PETSc.Log.Event("PCSetUp")
 
-    def set_operator(self, A, ns):
-        """Hand over a new operator (the old one is freed)."""
+    def set_operator(self, A, ns, flags=None):
+        """Hand over a new operator (the old one is freed). `flags`: the
+        (flags, open faces) A was assembled from, given to a DCDM/NetworkPC
+        through set_flags, which saves deriving them back from A's rows
+        (most of DCDM's set-up per change); other solvers ignore them."""
         pc = self.ksp.getPC()
         rebuild = self.changes % self.lag == 0
         self.changes += 1
         self.ksp.setOperators(A)
+        if flags is not None and rebuild:
+            from .context import set_flags
+            set_flags(self.ksp, *flags)
         pc.setReusePreconditioner(not rebuild)
         for o in (self.A, self.ns):
             if o is not None:
@@ -282,7 +288,8 @@ class Simulation:
         if changed:
             self.flags = flags
             self._boundaries()
-            self.solver.set_operator(*g.operator(flags, self.scene.open_faces))
+            self.solver.set_operator(*g.operator(flags, self.scene.open_faces),
+                                     flags=(flags, self.scene.open_faces))
         elif self.s["obstacle_every"] and k % self.s["obstacle_every"] == 0:
             self._boundaries()      # same cells, new obstacle velocity
         if not self.scene.liquid:
