@@ -28,7 +28,8 @@ def add_parser(sub):
     s.add_argument("--n", help="cubic grid size N (default 32)")
     s.add_argument("--shape", help="grid NX,NY,NZ")
     s.add_argument("--steps", type=int, default=50, help="time steps (default 50)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="scene seed: the random variations of the source and obstacle (default 0)")
     s.add_argument("--cfl", type=float, default=1.5,
                    help="largest backtrace in cells; sets the ghost width (default 1.5)")
     s.add_argument("--dt", type=float, help="largest time step (default cfl·dx: speed 1 at the CFL)")
