@@ -262,8 +262,12 @@ class NetworkContext:
             raise SetupError(f"set_flags: flags of shape {flags.shape} do not match the grid "
                                f"(nz, ny, nx) = {(nz, ny, nx)}")
         self.geometry_source = "derived from the operator"
-        flags, dirichlet, rows, scale = geometry_from_operator(da, A, local, with_rows=True)
-        flags = self._operator_stencil(da, A, local, flags, dirichlet)
+        from .stencil import read_aij
+        aij = read_aij(da, A, local)     # the rows read once, in C (None: NumPy reads them)
+        flags, dirichlet, rows, scale = geometry_from_operator(da, A, local, with_rows=True,
+                                                               aij=aij)
+        flags = self._operator_stencil(da, A, local, flags, dirichlet, aij)
+        del aij
         if self.stencil is not None:
             scale = (1.0, 1)   # the network applies A's own scale
         self._dirichlet_rows(A, rows, scale)
@@ -273,19 +277,18 @@ class NetworkContext:
         # cell), scale-free: the network does not change with A's scale
         digest = ""
         if self.stencil is not None:
-            nz = np.abs(self.stencil[1:][self.stencil[1:] != 0])
-            ref = float(nz.max()) if nz.size else 1.0
-            digest = hashlib.sha256((self.stencil / ref).tobytes()).hexdigest()
+            digest = _scaled_digest(self.stencil)
         self.derived = (flags, dirichlet, rows, np.array(digest))
         return flags, dirichlet
 
-    def _operator_stencil(self, da, A, local, flags, dirichlet):
+    def _operator_stencil(self, da, A, local, flags, dirichlet, aij_rows=None):
         """Read A's 7-point stencil (AIJ rows, or probing a matrix-free A)
         and keep it for the network (self.stencil) unless A is a multiple
         of the operator the flags path builds, on every rank: that path
         (fused kernels) applies it exactly. Returns the flags to use (a
         probed operator's active rows). An error on one rank is raised on
-        all (the others would wait in the next collective)."""
+        all (the others would wait in the next collective). `aij_rows`: A's
+        rows as stencil.read_aij read them (else read here)."""
         from . import stencil
         from .mgnet import MGNet
         comm = A.getComm().tompi4py()
@@ -296,7 +299,12 @@ class NetworkContext:
         aij = A.getType().endswith("aij")
         st, err = None, None
         try:
-            st = stencil.from_aij(da, A, local) if aij else stencil.probe(da, A, local)
+            if not aij:
+                st = stencil.probe(da, A, local)
+            elif aij_rows is not None:
+                st = aij_rows.stencil()
+            else:
+                st = stencil.from_aij(da, A, local)
         except SetupError as e:
             err = str(e)
         errs = [e for e in comm.allgather(err) if e]
@@ -369,6 +377,23 @@ class NetworkContext:
                      if ev.halo is not None else "") + "\n")
 
 
+def _scaled_digest(st, chunk=1 << 18):
+    """sha256 of st / (its largest |coupling|, else 1), st (7, ...) packed:
+    fed in chunks through one small buffer (the same digest as hashing the
+    whole quotient, without a second copy of the stencil)."""
+    c = st[1:]       # the largest |coupling| (NaN if any), else 1
+    ref = float(np.maximum(c.max(initial=0.0), -c.min(initial=0.0))) or 1.0
+    flat = np.ascontiguousarray(st).reshape(-1)
+    buf = np.empty(min(chunk, flat.size))
+    h = hashlib.sha256()
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        out = buf[:part.size]
+        np.divide(part, ref, out=out)
+        h.update(out)
+    return h.hexdigest()
+
+
 def _ghosted(da, flags):
     """This rank's flags with one ghost layer from the neighbours (SOLID
     beyond the grid)."""
@@ -386,7 +411,7 @@ def _ghosted(da, flags):
     return np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
 
 
-def geometry_from_operator(da, A, local, with_rows=False):
+def geometry_from_operator(da, A, local, with_rows=False, aij=None, kernels=True):
     """Flags and Dirichlet fractions read off A's rows: a row with
     off-diagonal couplings is fluid, its diagonal excess (diag − Σ|offdiag|)
     / diag is its Dirichlet fraction; a non-fluid cell is air when a fluid
@@ -394,11 +419,79 @@ def geometry_from_operator(da, A, local, with_rows=False):
     tutorials do) or when it lies next to a fluid cell with excess (a
     Dirichlet value eliminated into the diagonal); others are solid.
     Matrix-free operators: all fluid. `with_rows`: also return the mask of
-    decoupled rows to solve by their diagonal and the operator's scale."""
+    decoupled rows to solve by their diagonal and the operator's scale.
+    The rows: `aij` (stencil.read_aij's, one C pass), else read here, in C
+    where the kernels are available and `kernels`, else in NumPy (the same
+    results bit for bit)."""
+    from . import stencil
     n = int(np.prod(local))
     if not A.getType().endswith("aij"):   # shell/matrix-free: no rows to read
         out = (np.zeros(local, np.int8), np.zeros(local))
         return out + (np.zeros(local, bool), (0.0, 0)) if with_rows else out
+    if aij is None and kernels:
+        aij = stencil.read_aij(da, A, local)
+    if aij is not None:
+        diag, rowabs, nnz = aij.diag, aij.rowabs, aij.nnz
+    else:
+        diag, rowabs, nnz, rows, cols = _row_sums_numpy(A, n)
+    off = rowabs - np.abs(diag)
+    noff = nnz - (diag != 0)
+    fluid = noff > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dirichlet = np.where(fluid & (diag > 0), np.clip((diag - off) / diag, 0.0, 1.0), 0.0)
+    dirichlet[dirichlet < 1e-10] = 0.0
+    # cells that fluid rows couple to (on any rank): marked through a Vec;
+    # read in C, those coupled through in-block faces are marked already,
+    # and only the left-over entries' columns go through the Vec
+    if aij is not None:
+        inblock = aij.coupled.reshape(local)
+        coupled_cols = np.unique(aij.rest_cols[fluid[aij.rest_rows]]).astype(PETSc.IntType)
+    else:
+        inblock = False
+        lo, _ = A.getOwnershipRange()
+        coupled_cols = np.unique(cols[fluid[rows] & (cols != rows + lo)]).astype(PETSc.IntType)
+    marks = da.createGlobalVec()
+    marks.set(0.0)
+    marks.setValues(coupled_cols, np.ones(len(coupled_cols)), addv=PETSc.InsertMode.ADD_VALUES)
+    marks.assemble()
+    coupled = (marks.getArray(readonly=True).reshape(local) > 0) | inblock
+    marks.destroy()
+    # air: non-fluid cells with a fluid neighbour that has a Dirichlet part
+    g = da.createGlobalVec()
+    with g as ga:
+        ga[...] = (dirichlet > 0).astype(float)
+    loc = da.createLocalVec()
+    da.globalToLocal(g, loc)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, ys, zs), _ = da.getCorners()
+    p = loc.getArray(readonly=True).reshape(gzm, gym, gxm) > 0
+    p = np.pad(p, 1)  # beyond the ghosts: nothing
+    oz, oy, ox = zs - gzs + 1, ys - gys + 1, xs - gxs + 1
+    nz_, ny_, nx_ = local
+    near = np.zeros(local, bool)
+    for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
+        near |= p[oz + dz:oz + dz + nz_, oy + dy:oy + dy + ny_, ox + dx:ox + dx + nx_]
+    g.destroy()
+    loc.destroy()
+    flags = np.full(local, SOLID, np.int8)
+    flags[near | coupled] = AIR
+    flags[fluid.reshape(local)] = FLUID
+    if with_rows:
+        # the operator's scale against the unit stencil the network learned
+        # (mean |off-diagonal| of fluid rows; 1 for our scenes, h for
+        # PETSc's tutorials): local (sum, count)
+        scale = (float(off[fluid].sum()), int(noff[fluid].sum()))
+        # rows to solve by their diagonal: every decoupled row, but only
+        # when the system keeps Dirichlet rows (some fluid row couples to a
+        # decoupled one); otherwise decoupled rows never carry a residual
+        kept = bool((coupled & ~fluid.reshape(local)).any())
+        return flags, dirichlet.reshape(local), ~fluid.reshape(local) & kept, scale
+    return flags, dirichlet.reshape(local)
+
+
+def _row_sums_numpy(A, n):
+    """(diagonal, Σ|v|, nonzeros) per local row, and the rows and columns
+    of the nonzeros: geometry_from_operator's rows read in NumPy."""
     ai, aj, av = A.getValuesCSR()
     # DMDA matrices store the whole 27-point box pattern, mostly zeros (~56M
     # entries at 128³): drop the zeros first; int32 rows, bincount sums
@@ -412,51 +505,7 @@ def geometry_from_operator(da, A, local, with_rows=False):
     A.getDiagonal(dvec)
     diag = dvec.getArray(readonly=True).real.copy()
     dvec.destroy()
-    off = rowabs - np.abs(diag)
-    noff = nnz - (diag != 0)
-    fluid = noff > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dirichlet = np.where(fluid & (diag > 0), np.clip((diag - off) / diag, 0.0, 1.0), 0.0)
-    dirichlet[dirichlet < 1e-10] = 0.0
-    # cells that fluid rows couple to (on any rank): marked through a Vec
-    lo, _ = A.getOwnershipRange()
-    coupled_cols = np.unique(cols[fluid[rows] & (cols != rows + lo)]).astype(PETSc.IntType)
-    marks = da.createGlobalVec()
-    marks.set(0.0)
-    marks.setValues(coupled_cols, np.ones(len(coupled_cols)), addv=PETSc.InsertMode.ADD_VALUES)
-    marks.assemble()
-    coupled = marks.getArray(readonly=True).reshape(local) > 0
-    marks.destroy()
-    # air: non-fluid cells with a fluid neighbour that has a Dirichlet part
-    g = da.createGlobalVec()
-    with g as ga:
-        ga[...] = (dirichlet > 0).astype(float)
-    loc = da.createLocalVec()
-    da.globalToLocal(g, loc)
-    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
-    (xs, ys, zs), _ = da.getCorners()
-    p = loc.getArray(readonly=True).reshape(gzm, gym, gxm)
-    p = np.pad(p, 1)  # beyond the ghosts: nothing
-    oz, oy, ox = zs - gzs + 1, ys - gys + 1, xs - gxs + 1
-    nz_, ny_, nx_ = local
-    near = np.zeros(local, bool)
-    for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
-        near |= p[oz + dz:oz + dz + nz_, oy + dy:oy + dy + ny_, ox + dx:ox + dx + nx_] > 0
-    g.destroy()
-    loc.destroy()
-    flags = np.where(fluid.reshape(local), FLUID,
-                     np.where(near | coupled, AIR, SOLID)).astype(np.int8)
-    if with_rows:
-        # the operator's scale against the unit stencil the network learned
-        # (mean |off-diagonal| of fluid rows; 1 for our scenes, h for
-        # PETSc's tutorials): local (sum, count)
-        scale = (float(off[fluid].sum()), int(noff[fluid].sum()))
-        # rows to solve by their diagonal: every decoupled row, but only
-        # when the system keeps Dirichlet rows (some fluid row couples to a
-        # decoupled one); otherwise decoupled rows never carry a residual
-        kept = bool((coupled & ~fluid.reshape(local)).any())
-        return flags, dirichlet.reshape(local), ~fluid.reshape(local) & kept, scale
-    return flags, dirichlet.reshape(local)
+    return diag, rowabs, nnz, rows, cols
 
 
 def set_flags(obj, flags, open_faces=()):

@@ -8,7 +8,9 @@
  * are per thread and added in thread order, so for a given build a result
  * depends only on the thread count, never on timing.
  */
+#include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 #define MAXT 512   /* threads */
 #define MAXK 16    /* vectors per fused reduction */
@@ -444,4 +446,147 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
             for (int x = 0; x < W; x++)
                 xo[x] += scale * ec[x / fx] * fu[x];
         }
+}
+
+/* ---- reading an assembled operator's rows (stencil.py, context.py) ----
+ *
+ * One pass over this rank's AIJ rows in CSR form: ai (n + 1 row starts), aj
+ * (global columns), av (float64 values); indices int32 or int64 (`wide`),
+ * as PETSc was built. Row r is cell (k, j, i) of the zm×ym×xm block,
+ * r = i + xm (j + ym k), global row lo + r. Explicit zeros are skipped (DMDA
+ * matrices store the 27-point box pattern, mostly zeros). Per row:
+ *   nnz[r]      its nonzeros;
+ *   rowabs[r]   Σ|v| over them, in entry order (as np.bincount adds);
+ *   st[0 n + r] the diagonal (column lo + r), 0 when absent;
+ *   st[(1 + f) n + r] = −v for the entry whose column is the row plus face
+ *               f's in-block offset (−xm·ym, +xm·ym, −xm, +xm, −1, +1 in
+ *               stencil.FACES order) when that neighbour lies inside the
+ *               block; −0.0 without one. stencil.from_aij's offset test: when
+ *               offsets coincide (a block one cell thick) the last face
+ *               matching decides, and if its neighbour is outside the block
+ *               the entry is left over;
+ *   rest        the left-over entries (block faces: other ranks, periodic
+ *               wrap; and anything beyond the 7 points) as rows in
+ *               rest[0, cap) and CSR positions in rest[cap, 2 cap), in
+ *               entry order, for the caller's exact-neighbour test;
+ *   coupled[c]  1 when a fluid row of the block (one with an off-diagonal
+ *               nonzero) has a classified coupling to cell c (the caller
+ *               adds the left-over entries' columns).
+ * Returns the number of left-over entries (written only when ≤ cap: call
+ * again with more room), −1 when out of memory. Each thread reads a
+ * contiguous range of rows; results do not depend on the thread count. */
+typedef struct { long *rp; long n, size; int fail; } restbuf_t;
+
+static void rest_push(restbuf_t *b, long r, long p)
+{
+    if (b->fail) return;
+    if (b->n == b->size) {
+        long size = b->size ? 2 * b->size : 256;
+        long *q = realloc(b->rp, 2 * size * sizeof(long));
+        if (!q) { b->fail = 1; return; }
+        b->rp = q;
+        b->size = size;
+    }
+    b->rp[2 * b->n] = r;
+    b->rp[2 * b->n + 1] = p;
+    b->n++;
+}
+
+static inline __attribute__((always_inline)) long csr_index(const void *a, long p, int wide)
+{
+    return wide ? (long)((const long long *)a)[p] : (long)((const int *)a)[p];
+}
+
+static inline __attribute__((always_inline)) void
+csr_row(long r, int k, int j, int i, int zm, int ym, int xm, long lo, const void *ai,
+        const void *aj, const double *av, long n, double *st, double *rowabs, int *nnz,
+        restbuf_t *rb, int wide)
+{
+    const long P = (long)xm * ym, g = lo + r;
+    double s[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, a = 0.0;
+    int cnt = 0;
+    long p1 = csr_index(ai, r + 1, wide);
+    for (long p = csr_index(ai, r, wide); p < p1; p++) {
+        double v = av[p];
+        if (v == 0.0) continue;                 /* NaN is kept, as av != 0 keeps it */
+        cnt++;
+        a += fabs(v);
+        long d = csr_index(aj, p, wide) - g;
+        int f;
+        if (d == 0) f = 6;
+        else if (d == 1) f = i < xm - 1 ? 5 : -1;
+        else if (d == -1) f = i > 0 ? 4 : -1;
+        else if (d == xm) f = j < ym - 1 ? 3 : -1;
+        else if (d == -xm) f = j > 0 ? 2 : -1;
+        else if (d == P) f = k < zm - 1 ? 1 : -1;
+        else if (d == -P) f = k > 0 ? 0 : -1;
+        else f = -1;
+        if (f >= 0) s[f] += v;
+        else rest_push(rb, r, p);
+    }
+    st[r] = s[6];
+    for (int f = 0; f < 6; f++) st[(1 + f) * n + r] = -s[f];
+    rowabs[r] = a;
+    nnz[r] = cnt;
+}
+
+static inline int csr_fluid(const double *st, const int *nnz, long r)
+{
+    return nnz[r] - (st[r] != 0.0) > 0;
+}
+
+long deepcd_csr_read(int zm, int ym, int xm, long lo, const void *ai, const void *aj, int wide,
+                     const double *av, double *st, double *rowabs, int *nnz,
+                     unsigned char *coupled, long *rest, long cap, int nt)
+{
+    const long P = (long)xm * ym, n = P * zm;
+    nt = clamp_threads(nt);
+    restbuf_t *bufs = calloc(nt, sizeof(restbuf_t));
+    if (!bufs) return -1;
+    int used = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        if (t == 0) used = m;
+        long r0 = n * t / m, r1 = n * (t + 1) / m;
+        int i = (int)(r0 % xm), j = (int)((r0 / xm) % ym), k = (int)(r0 / P);
+        restbuf_t *rb = bufs + t;
+        for (long r = r0; r < r1; r++) {
+            if (wide) csr_row(r, k, j, i, zm, ym, xm, lo, ai, aj, av, n, st, rowabs, nnz, rb, 1);
+            else csr_row(r, k, j, i, zm, ym, xm, lo, ai, aj, av, n, st, rowabs, nnz, rb, 0);
+            if (++i == xm) { i = 0; if (++j == ym) { j = 0; k++; } }
+        }
+#pragma omp barrier
+        /* cells that in-block fluid rows couple to: row c − off_f reaches c
+         * through face f when c has that neighbour inside the block */
+        const double *c0 = st + n, *c1 = st + 2 * n, *c2 = st + 3 * n, *c3 = st + 4 * n,
+                     *c4 = st + 5 * n, *c5 = st + 6 * n;
+        i = (int)(r0 % xm), j = (int)((r0 / xm) % ym), k = (int)(r0 / P);
+        for (long c = r0; c < r1; c++) {
+            unsigned char mk =
+                (i > 0 && c5[c - 1] != 0.0 && csr_fluid(st, nnz, c - 1)) ||
+                (i < xm - 1 && c4[c + 1] != 0.0 && csr_fluid(st, nnz, c + 1)) ||
+                (j > 0 && c3[c - xm] != 0.0 && csr_fluid(st, nnz, c - xm)) ||
+                (j < ym - 1 && c2[c + xm] != 0.0 && csr_fluid(st, nnz, c + xm)) ||
+                (k > 0 && c1[c - P] != 0.0 && csr_fluid(st, nnz, c - P)) ||
+                (k < zm - 1 && c0[c + P] != 0.0 && csr_fluid(st, nnz, c + P));
+            coupled[c] = mk;
+            if (++i == xm) { i = 0; if (++j == ym) { j = 0; k++; } }
+        }
+    }
+    long total = 0;
+    int fail = 0;
+    for (int t = 0; t < used; t++) { total += bufs[t].n; fail |= bufs[t].fail; }
+    if (!fail && total <= cap) {
+        long o = 0;
+        for (int t = 0; t < used; t++) {
+            for (long q = 0; q < bufs[t].n; q++, o++) {
+                rest[o] = bufs[t].rp[2 * q];
+                rest[cap + o] = bufs[t].rp[2 * q + 1];
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) free(bufs[t].rp);
+    free(bufs);
+    return fail ? -1 : total;
 }

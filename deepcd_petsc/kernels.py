@@ -3,11 +3,13 @@
 Why compiled: DCDM's vector work and the V-cycle network are memory-bound,
 and torch makes one pass per operation; fusing the A-orthogonalisation
 with its dot products, the x/r update with the residual norm, and each
-smoothing step of the network into one stencil pass removes most passes. Why at run time:
+smoothing step of the network into one stencil pass removes most passes;
+reading an assembled operator's rows at set-up (stencil.read_aij) is one
+pass over its CSR arrays where NumPy made dozens. Why at run time:
 the package stays pure Python (pip install needs no compiler), the build
 uses -march=native on the machine that runs it, and a cluster node without
-a compiler still works: every kernel has a torch fallback (workspace.py,
-mgnet.py), and DEEPCD_KERNELS=0 forces it.
+a compiler still works: every kernel has a torch (or NumPy) fallback
+(workspace.py, mgnet.py, stencil.py), and DEEPCD_KERNELS=0 forces it.
 
 The library links libgomp.so.1; loaded after torch, it binds to the OpenMP
 runtime torch already loaded (same soname), so one thread pool serves both.
@@ -85,6 +87,11 @@ MG_SIGNATURES = {
     # semi-coarsened levels (factors per axis)
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
+}
+# reading an assembled operator's rows (stencil.read_aij); returns a count
+CSR_SIGNATURES = {
+    "deepcd_csr_read": [_int, _int, _int, _long, _v, _v, _int, _v, _v, _v, _v, _v, _v, _long,
+                        _int],
 }
 
 
@@ -399,6 +406,9 @@ def _declare(lib):
     for name, args in MG_SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    for name, args in CSR_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_long
 
 
 def load():
@@ -547,6 +557,54 @@ class CKernels:
     def prolong_s(self, factors, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong_s(*fluid.shape, *factors, e.data_ptr(), float(scale),
                                      fluid.data_ptr(), xp.data_ptr(), self.nt())
+
+
+def csr_rows(local, lo, ai, aj, av, threads=None):
+    """One pass of deepcd_csr_read over this rank's AIJ rows (CSR arrays
+    ai, aj, av of A.getValuesCSR(); global row lo + r is cell r of the
+    (zm, ym, xm) block `local`): a dict of st (7, n) (the diagonal, then
+    minus the six in-block face couplings), rowabs, nnz, coupled (bool:
+    cells in-block fluid rows couple to through those faces) and rest (2, m):
+    the rows and CSR positions of the entries left over, in entry order.
+    None when the library is unavailable or the arrays are of types it does
+    not read (indices other than int32/int64, values other than float64):
+    the caller reads the rows in NumPy. Threads: torch's count, unless given."""
+    import numpy as np
+    lib = load()
+    if lib is None:
+        return None
+    ai, aj, av = (np.asarray(a) for a in (ai, aj, av))
+    if (ai.dtype != aj.dtype or ai.dtype not in (np.int32, np.int64)
+            or av.dtype != np.float64 or ai.ndim != 1 or aj.ndim != 1 or av.ndim != 1):
+        return None
+    zm, ym, xm = (int(v) for v in local)
+    n = zm * ym * xm
+    if ai.size != n + 1 or aj.size < int(ai[-1]) or av.size < int(ai[-1]):
+        return None
+    ai, aj, av = (np.ascontiguousarray(a) for a in (ai, aj, av))   # no copy when contiguous
+    if threads is None:
+        import torch
+        threads = torch.get_num_threads()
+    st = np.empty((7, n))
+    rowabs = np.empty(n)
+    nnz = np.empty(n, np.intc)
+    coupled = np.empty(n, np.uint8)
+    # left-over entries lie on the block's faces (other ranks, periodic
+    # wrap): room for one per face cell, more only for unusual operators
+    cap = 2 * (xm * ym + ym * zm + zm * xm) + 256
+    while True:
+        rest = np.empty((2, cap), np.int64)
+        m = lib.deepcd_csr_read(zm, ym, xm, int(lo), ai.ctypes.data, aj.ctypes.data,
+                                int(ai.dtype == np.int64), av.ctypes.data, st.ctypes.data,
+                                rowabs.ctypes.data, nnz.ctypes.data, coupled.ctypes.data,
+                                rest.ctypes.data, cap, int(threads))
+        if m < 0:
+            return None          # out of memory in the kernel: NumPy's path
+        if m <= cap:
+            break
+        cap = m
+    return {"st": st, "rowabs": rowabs, "nnz": nnz, "coupled": coupled.view(bool),
+            "rest": rest[:, :m]}
 
 
 def vcycle_kernels():

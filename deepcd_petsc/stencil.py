@@ -81,22 +81,33 @@ class Stencil:
         fluid = np.asarray(flags) == FLUID
         if not fluid.any():
             return float("nan")
-        c = self.coef[:, fluid]
-        nz = c[c != 0]
-        if nz.size == 0:
+        boths = [fluid & (_shift(flags_ghosted, axis, step) == FLUID) for axis, step in FACES]
+        reject, lo, hi = self._fluid_couplings(boths)
+        if reject:
             return None
-        s = float(np.median(nz))
-        ns = np.zeros(fluid.shape)
-        ai = np.zeros(fluid.shape)
+        # all couplings of fluid rows equal (a unit operator): that value is
+        # their median, known without sorting, and passes the checks below
+        equal = (lo == hi and lo != 0 and abs(lo) < 1e300
+                 and self._others_equal(fluid, boths, lo))
+        s = float(lo)
+        if not equal:
+            c = self.coef[:, fluid]
+            nz = c[c != 0]
+            if nz.size == 0:
+                return None
+            s = float(np.median(nz))
+        ns = np.zeros(fluid.shape, np.int8)
+        ai = np.zeros(fluid.shape, np.int8)
         for f, (axis, step) in enumerate(FACES):
             nb = _shift(flags_ghosted, axis, step)
             # couplings to non-fluid cells are Dirichlet in both paths (x = 0
             # there): only those to fluid neighbours must be s
-            both = fluid & (nb == FLUID)
-            if both.any() and np.abs(self.coef[f][both] / s - 1).max() > 1e-8:
+            both = boths[f]
+            if not equal and both.any() and np.abs(self.coef[f][both] / s - 1).max() > 1e-8:
                 return None
             ns += nb != SOLID
             ai += nb == AIR
+        ns, ai = ns.astype(float), ai.astype(float)
         d = np.asarray(dirichlet, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             open_ = np.where(d < 1 - 1e-6, (d * ns - ai) / np.maximum(1 - d, 1e-6), 0.0)
@@ -105,6 +116,34 @@ class Stencil:
             return None
         return s
 
+    def _fluid_couplings(self, boths):
+        """(reject, lo, hi) for unit_scale: the range of the couplings
+        between fluid cells (boths[f]: fluid rows with a fluid face-f
+        neighbour), and whether they differ by more than any s could accept
+        (unit_scale's answer is then None, known without its median). Only
+        for finite couplings (a NaN median accepts anything): else
+        (False, inf, −inf), as without fluid neighbours."""
+        lo, hi = np.inf, -np.inf
+        if not np.isfinite(self.coef.sum()):
+            return False, lo, hi
+        for f, both in enumerate(boths):
+            if both.any():
+                c = self.coef[f][both]
+                lo, hi = min(lo, c.min()), max(hi, c.max())
+                # all within 1e-8 of s puts any two within ~2e-8 of each other
+                if hi - lo > 1e-6 * max(abs(lo), abs(hi)):
+                    return True, lo, hi
+        return False, lo, hi
+
+    def _others_equal(self, fluid, boths, v):
+        """Whether every nonzero coupling of a fluid row to a non-fluid cell is v."""
+        for f, both in enumerate(boths):
+            c = self.coef[f][fluid & ~both]
+            c = c[c != 0]
+            if c.size and (c.min() != v or c.max() != v):
+                return False
+        return True
+
 
 def _shift(a, axis, step):
     sl = [slice(1, -1)] * 3
@@ -112,17 +151,22 @@ def _shift(a, axis, step):
     return a[tuple(sl)]
 
 
-def _neighbour_indices(da, local):
+def _neighbour_indices(da, local, rows=None):
     """PETSc global index of each face neighbour of every local cell
-    (6, n), −1 beyond a non-periodic boundary; and the cells' own indices."""
+    (6, n), −1 beyond a non-periodic boundary; and the cells' own indices.
+    `rows`: only those local cells (flat indices), (6, len(rows))."""
     from .layout import Layout
     layout = Layout.from_da(da)
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
     nx, ny, nz = da.getSizes()
     sizes = (nz, ny, nx)
     periodic = periodic_axes(da)
-    k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
-                          indexing="ij", copy=False)
+    if rows is None:
+        k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
+                              indexing="ij", copy=False)
+    else:
+        k, j, i = (a + o for a, o in zip(np.unravel_index(np.asarray(rows, np.int64), local),
+                                         (zs, ys, xs)))
     own = layout.petsc_index(k, j, i).ravel()
     out = np.empty((6, own.size), np.int64)
     for f, (axis, step) in enumerate(FACES):
@@ -160,9 +204,98 @@ def periodic_axes(da):
     return per[::-1]
 
 
-def from_aij(da, A, local):
+def _not_7_point(row, col, val):
+    return SetupError(f"the operator is not a 7-point stencil on the DMDA: row {row} "
+                      f"couples to column {col} (value {val:.3g}); DCDM's network "
+                      "reads 7-point operators only")
+
+
+class AIJRows:
+    """An assembled AIJ operator's local rows, read in one C pass
+    (kernels.c deepcd_csr_read) for both geometry_from_operator and
+    from_aij: per row the nonzero count, Σ|v|, the diagonal and the six
+    couplings to in-block neighbours, and the cells in-block fluid rows
+    couple to; the few entries the in-block offset test leaves (block
+    faces: other ranks, periodic wrap; anything beyond the 7 points) as
+    (row, column, value), in entry order. Holds no reference to the CSR
+    arrays. Use read_aij()."""
+
+    def __init__(self, da, local, lo, res, aj, av):
+        self.da, self.local, self.lo = da, tuple(int(v) for v in local), int(lo)
+        self.st = res["st"]                  # (7, n): diag, then −coupling per face
+        self.diag = self.st[0]
+        self.rowabs = res["rowabs"]
+        self.nnz = res["nnz"]
+        self.coupled = res["coupled"]
+        rows, pos = res["rest"]
+        self.rest_rows = rows
+        self.rest_cols = np.asarray(aj)[pos].astype(np.int64)
+        self.rest_vals = np.asarray(av)[pos].real
+        self._stencil = None
+
+    def stencil(self):
+        """from_aij's Stencil (SetupError, the same message, when a row
+        couples beyond the 7 points): the left-over entries are matched
+        to faces by the exact neighbour indices of their rows only."""
+        if isinstance(self._stencil, SetupError):
+            raise self._stencil
+        if self._stencil is None:
+            self._stencil = self._finish()
+            if isinstance(self._stencil, SetupError):
+                raise self._stencil
+        return self._stencil
+
+    def _finish(self):
+        n = self.diag.size
+        rr, cc, vv = self.rest_rows, self.rest_cols, self.rest_vals
+        if rr.size:
+            own, at = np.unique(rr, return_inverse=True)
+            nb, _ = _neighbour_indices(self.da, self.local, own)
+            face = np.full(rr.shape, -1, np.int8)
+            for f in range(5, -1, -1):
+                # periodic grids of 2 cells: both neighbours are one cell;
+                # that coupling goes to the first face (assigned last)
+                face[cc == nb[f][at]] = f
+            matched = face >= 0
+            # each (row, face) holds one entry: −(0 + v) as from_aij's bincount
+            np.subtract.at(self.st.reshape(-1), (1 + face[matched].astype(np.int64)) * n
+                           + rr[matched], vv[matched])
+            if not matched.all():
+                bad = np.flatnonzero(~matched)[0]
+                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad])
+        st = self.st.reshape((7,) + self.local)
+        return Stencil(st[0], st[1:], periodic_axes(self.da))
+
+
+def read_aij(da, A, local):
+    """AIJRows of an assembled AIJ operator's local rows (A.getValuesCSR()
+    read once, in C), or None: not an AIJ matrix, or the C kernels are
+    unavailable (DEEPCD_KERNELS=0, no compiler) or do not read its types
+    (complex scalars): then from_aij and geometry_from_operator read the
+    rows in NumPy."""
+    from . import kernels
+    if not A.getType().endswith("aij") or kernels.load() is None:
+        return None
+    ai, aj, av = A.getValuesCSR()
+    lo, _ = A.getOwnershipRange()
+    res = kernels.csr_rows(local, lo, ai, aj, av)
+    if res is None:
+        return None
+    return AIJRows(da, local, lo, res, aj, av)
+
+
+def from_aij(da, A, local, kernels=True):
     """The stencil of an assembled AIJ operator's local rows. SetupError,
-    naming a row and a column, when a row couples beyond the 7 points."""
+    naming a row and a column, when a row couples beyond the 7 points.
+    One C pass over the rows (read_aij) where the kernels are available
+    and `kernels`; else NumPy, with the same result bit for bit."""
+    rows = read_aij(da, A, local) if kernels else None
+    if rows is not None:
+        return rows.stencil()
+    return _from_aij_numpy(da, A, local)
+
+
+def _from_aij_numpy(da, A, local):
     n = int(np.prod(local))
     ai, aj, av = A.getValuesCSR()
     av = np.asarray(av).real
@@ -202,9 +335,7 @@ def from_aij(da, A, local):
     coef = -sums[:, :6].T
     if not matched.all():
         bad = np.flatnonzero(~matched)[0]
-        raise SetupError(f"the operator is not a 7-point stencil on the DMDA: row {lo + rows[bad]} "
-                         f"couples to column {cols[bad]} (value {vals[bad]:.3g}); DCDM's network "
-                         "reads 7-point operators only")
+        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad])
     return Stencil(diag.reshape(local), coef.reshape((6,) + tuple(local)), periodic_axes(da))
 
 
