@@ -317,8 +317,8 @@ void deepcd_mg_prolong(int D, int H, int W, const float *e, float scale, const f
 
 /* ---- the V-cycle's passes for levels with coefficients (stencil.py) ----
  * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of
- * mgnet._FACES), zero on inactive rows and towards inactive cells; tapw:
- * the smoothing taps' per-face weights, same layout. */
+ * mgnet._FACES), zero on inactive rows and towards inactive cells; tnorm:
+ * the per-row scale of the smoothing taps' face weights (smooth_update_c). */
 static inline float coupled(const float *c, long u, int x, long N, long P, long W2,
                             const float *k)
 {
@@ -343,16 +343,22 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
         }
 }
 
+/* the taps' per-face weight min(c_f · tnorm, 1), tnorm = 1/√(c_max·c_mean)
+ * of the row (mgnet.prepare): computed here, not stored (24 bytes per cell
+ * and level less) */
+#define TW(f) fminf(k[(f) * N + u + x] * t, 1.0f)
 static inline float smooth_update_c(const float *c, long u, int x, long N, long P, long W2,
-                                    const float *w, const float *tw, float g)
+                                    const float *w, const float *k, const float *tn, float g)
 {
-    return (c[x] * w[0] + w[1] * tw[u + x] * c[x - P] + w[2] * tw[N + u + x] * c[x + P]
-            + w[3] * tw[2 * N + u + x] * c[x - W2] + w[4] * tw[3 * N + u + x] * c[x + W2]
-            + w[5] * tw[4 * N + u + x] * c[x - 1] + w[6] * tw[5 * N + u + x] * c[x + 1]) * g;
+    float t = tn[u + x];
+    return (c[x] * w[0] + w[1] * TW(0) * c[x - P] + w[2] * TW(1) * c[x + P]
+            + w[3] * TW(2) * c[x - W2] + w[4] * TW(3) * c[x + W2]
+            + w[5] * TW(4) * c[x - 1] + w[6] * TW(5) * c[x + 1]) * g;
 }
+#undef TW
 
-void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *tapw,
-                     const float *g, float *xp, int first, int nt)
+void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
+                     const float *tnorm, const float *g, float *xp, int first, int nt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -364,11 +370,11 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
             if (first) {
 #pragma omp simd
                 for (int x = 0; x < W; x++)
-                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, tapw, g[u + x]);
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
             } else {
 #pragma omp simd
                 for (int x = 0; x < W; x++)
-                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, tapw, g[u + x]);
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
             }
         }
 }

@@ -82,7 +82,7 @@ MG_SIGNATURES = {
     "deepcd_mg_prolong": [_int, _int, _int, _v, _f, _v, _v, _int],
     # levels with coefficients (stencil.py)
     "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
-    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int],
+    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int],
     "deepcd_mgc_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
     # semi-coarsened levels (factors per axis)
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
@@ -536,8 +536,9 @@ class CKernels:
         self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
                                   coef.data_ptr(), sp.data_ptr(), self.nt())
 
-    def step_c(self, sp, w, tapw, g, xp, first):
-        self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), tapw.data_ptr(),
+    def step_c(self, sp, w, coef, tnorm, g, xp, first):
+        self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), coef.data_ptr(),
+                                 tnorm.data_ptr(),
                                  g.data_ptr(), xp.data_ptr(), int(first), self.nt())
 
     def restrict_c(self, xp, b, diag, coef, cmask, cb):

@@ -131,6 +131,12 @@ ADAPTIVE = 2.0
 SEMI_THRESHOLD = 0.5
 
 
+def tap_weights(lv):
+    """(N, 6, ...) per-face weights of a coefficient level's smoothing taps,
+    min(c_f · tnorm, 1); the fused kernels compute them on the fly."""
+    return (lv["coef"] * lv["tnorm"]).clamp(max=1)
+
+
 def galerkin_factor(f):
     """The division of a coarse Galerkin stencil for aggregates of factors
     f: GALERKIN_FACTOR for 2×2×2, proportionally less for fewer children."""
@@ -431,14 +437,16 @@ class MGNet(nn.Module):
             d = F.pad(d, (0, pad[2], 0, pad[1], 0, pad[0]))
         else:
             d = torch.zeros_like(fl)
-        # Dirichlet neighbours beyond the grid (open faces): the part of the
-        # diagonal the flags cannot show, recovered from the fraction
-        # d = (air + open)/(non-solid + open)
-        ns = neighbour_sum(fl + air, halo)
-        ai = neighbour_sum(air, halo)
-        ok = d < 1 - 1e-6
-        open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
-        open_ = open_.round().clamp(min=0) * fl
+        open_ = None        # the stencil's diagonal has the open faces in it
+        if stencil is None:
+            # Dirichlet neighbours beyond the grid (open faces): the part of
+            # the diagonal the flags cannot show, recovered from the
+            # fraction d = (air + open)/(non-solid + open)
+            ns = neighbour_sum(fl + air, halo)
+            ai = neighbour_sum(air, halo)
+            ok = d < 1 - 1e-6
+            open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
+            open_ = open_.round().clamp(min=0) * fl
         levels = []
         g = None if mh is None else gather_level(
             [math.prod(halo.level_shape(l)) for l in range(L)])
@@ -462,7 +470,6 @@ class MGNet(nn.Module):
                     dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
                     fl = F.max_pool3d(fl, f) * (~dead).float()
                     air = F.max_pool3d(air, f) * (1 - fl)
-                    open_ = F.max_pool3d(open_, f) * fl     # shape only: unused here
                 else:
                     # a coarse cell is air if any child is, else fluid if any child is
                     air = F.max_pool3d(air, f)
@@ -472,7 +479,9 @@ class MGNet(nn.Module):
             if g is not None and l >= g:
                 # from level g on the whole level on every rank, as serially
                 if l == g:
-                    fl, air, open_ = (halo.gather_level(t, l) for t in (fl, air, open_))
+                    fl, air = (halo.gather_level(t, l) for t in (fl, air))
+                    if open_ is not None:
+                        open_ = halo.gather_level(open_, l)
                     if sd is not None:
                         sd, sc = (halo.gather_level(t, l) for t in (sd, sc))
                 lh = wrap
@@ -495,8 +504,9 @@ class MGNet(nn.Module):
                 nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
                 cm = sc.amax(1, keepdim=True)
                 mean = csum / nc.clamp(min=1)
-                lv["tapw"] = torch.where(csum > 0, sc / (cm * mean).clamp(min=1e-300).sqrt(),
-                                         torch.zeros_like(sc)).clamp(max=1).to(dtype)
+                # stored as the row's 1/√(c_max·c_mean) only (tap_weights)
+                lv["tnorm"] = torch.where(csum > 0, (cm * mean).clamp(min=1e-300).rsqrt(),
+                                          torch.zeros_like(csum)).to(dtype)
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
@@ -565,6 +575,7 @@ class MGNet(nn.Module):
 
     def _smooth(self, sm, gate, lv, b, x, halo, taps=None):
         fast = not torch.is_grad_enabled()
+        tapw = tap_weights(lv) if "coef" in lv else None
         for i in range(sm.steps):
             if x is None:
                 s = lv["dinv"] * b
@@ -573,7 +584,7 @@ class MGNet(nn.Module):
                 s = self._offdiag(lv, x, halo).addcmul_(lv["diag"], x, value=-1).add_(b).mul_(lv["dinv"])
             else:
                 s = lv["dinv"] * (b - self._apply_A(lv, x, halo))
-            dx = sm.step(i, s, gate, halo, taps if fast else None, lv.get("tapw"))
+            dx = sm.step(i, s, gate, halo, taps if fast else None, tapw)
             x = dx if x is None else (x.add_(dx) if fast else x + dx)
         return x
 
@@ -752,9 +763,9 @@ class MGNet(nn.Module):
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
                 "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
                 "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev)}
-            for k in ("coef", "tapw"):
-                if k in lv:
-                    f[k] = lv[k][0].contiguous()
+            if "coef" in lv:
+                f["coef"] = lv["coef"][0].contiguous()
+                f["tnorm"] = lv["tnorm"][0, 0].contiguous()
         return f
 
     @staticmethod
@@ -784,7 +795,7 @@ class MGNet(nn.Module):
                 kern.step_out(sp, w[i], g, xp, out)
                 return out
             if coef:
-                kern.step_c(sp, w[i], f["tapw"], g, xp, first)
+                kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first)
             else:
                 kern.step(sp, w[i], g, xp, first)
         if out is not None:
