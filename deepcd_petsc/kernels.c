@@ -432,8 +432,20 @@ void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const fl
                     int z = fz * Z + dz, y = fy * Y + dy;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
-                    for (int x = 0; x < W; x++)
-                        acc[x / fx] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                    if (fx == 2) {      /* both children per step, as deepcd_mgc_restrict */
+#pragma omp simd
+                        for (int X = 0; X < Wc; X++) {
+                            int x = 2 * X;
+                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                            float r1 = b[u + x + 1]
+                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef));
+                            acc[X] += r0 + r1;
+                        }
+                    } else {
+#pragma omp simd
+                        for (int x = 0; x < W; x++)
+                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                    }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
             for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * inv * cmask[v + X];
@@ -451,8 +463,18 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
             long u = ((long)z * H + y) * W;
             const float *ec = e + ((long)(z / fz) * Hc + y / fy) * Wc, *fu = fluid + u;
             float *xo = ROW(xp, z, y, H2, W2);
-            for (int x = 0; x < W; x++)
-                xo[x] += scale * ec[x / fx] * fu[x];
+            if (fx == 2) {
+#pragma omp simd
+                for (int X = 0; X < Wc; X++) {
+                    float v = scale * ec[X];
+                    xo[2 * X] += v * fu[2 * X];
+                    xo[2 * X + 1] += v * fu[2 * X + 1];
+                }
+            } else {
+#pragma omp simd
+                for (int x = 0; x < W; x++)
+                    xo[x] += scale * ec[x] * fu[x];
+            }
         }
 }
 
@@ -597,4 +619,32 @@ long deepcd_csr_read(int zm, int ym, int xm, long lo, const void *ai, const void
     for (int t = 0; t < nt; t++) free(bufs[t].rp);
     free(bufs);
     return fail ? -1 : total;
+}
+
+/* out = [Σ e·cb, Σ e·(A e)] over a coefficient level (e in the padded xp,
+ * its ghost layer filled; e is 0 on inactive cells): the coarse
+ * correction's energy-optimal step (mgnet._energy_step) in one pass */
+void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
+                       const float *coef, double *out, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+    double num = 0.0, den = 0.0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(+:num, den) \
+    num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(xp, z, y, H2, W2);
+            float n1 = 0.0f, d1 = 0.0f;
+#pragma omp simd reduction(+:n1, d1)
+            for (int x = 0; x < W; x++) {
+                float e = c[x];
+                n1 += e * cb[u + x];
+                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef));
+            }
+            num += n1;
+            den += d1;
+        }
+    out[0] = num;
+    out[1] = den;
 }

@@ -87,6 +87,7 @@ MG_SIGNATURES = {
     # semi-coarsened levels (factors per axis)
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
+    "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -554,6 +555,13 @@ class CKernels:
         self.lib.deepcd_mgc_restrict_s(*b.shape, *factors, xp.data_ptr(), b.data_ptr(),
                                        diag.data_ptr(), coef.data_ptr(), cmask.data_ptr(),
                                        cb.data_ptr(), self.nt())
+
+    def energy(self, xp, cb, diag, coef):
+        """(Σ e·cb, Σ e·Ae) of a coefficient level, e in xp (ghosts filled)."""
+        out = (ctypes.c_double * 2)()
+        self.lib.deepcd_mgc_energy(*cb.shape, xp.data_ptr(), cb.data_ptr(), diag.data_ptr(),
+                                   coef.data_ptr(), out, self.nt())
+        return out[0], out[1]
 
     def prolong_s(self, factors, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong_s(*fluid.shape, *factors, e.data_ptr(), float(scale),
