@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=128, help="cubic grid size N")
     ap.add_argument("--seed", type=int, default=3, help="scene seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--maxit", type=int, default=30,
+                    help="iterations to run (the memory does not grow with them; default 30)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     a = ap.parse_args(argv)
     import petsc4py
@@ -68,7 +70,7 @@ def main(argv=None):
     p = Problem.from_scene(a.scene, (a.n,) * 3, seed=a.seed)
     x = p.b.duplicate()
     opts = {"ksp_type": "python", "ksp_python_type": "deepcd_petsc.DCDM", "ksp_rtol": "1e-6",
-            "ksp_dcdm_threads": str(a.threads)}
+            "ksp_max_it": str(a.maxit), "ksp_dcdm_threads": str(a.threads)}
     set_options("mem_", opts)
     ksp = PETSc.KSP().create(p.A.getComm())
     ksp.setOptionsPrefix("mem_")
