@@ -381,35 +381,8 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
         }
 }
 
-/* cb = the 2x2x2 average of r = b − A x, times the coarse mask */
-void deepcd_mgc_restrict(int D, int H, int W, const float *xp, const float *b, const float *diag,
-                         const float *coef, const float *cmask, float *cb, int nt)
-{
-    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
-    int Dc = D / 2, Hc = H / 2, Wc = W / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
-    for (int Z = 0; Z < Dc; Z++)
-        for (int Y = 0; Y < Hc; Y++) {
-            float acc[Wc > 0 ? Wc : 1];
-            for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
-            for (int dz = 0; dz < 2; dz++)
-                for (int dy = 0; dy < 2; dy++) {
-                    int z = 2 * Z + dz, y = 2 * Y + dy;
-                    long u = ((long)z * H + y) * W;
-                    const float *c = ROW(xp, z, y, H2, W2);
-#pragma omp simd
-                    for (int X = 0; X < Wc; X++) {
-                        int x = 2 * X;
-                        float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
-                        float r1 = b[u + x + 1]
-                                   - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef));
-                        acc[X] += r0 + r1;
-                    }
-                }
-            long v = ((long)Z * Hc + Y) * Wc;
-            for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * 0.125f * cmask[v + X];
-        }
-}
+/* (the 2x2x2 restriction of coefficient levels is deepcd_mgc_restrict_s
+ * with factors 2, 2, 2) */
 
 /* ---- semi-coarsened levels: factors fz, fy, fx ∈ {1, 2} per axis ----
  * The same restriction (average of the children's residuals) and
@@ -432,7 +405,7 @@ void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const fl
                     int z = fz * Z + dz, y = fy * Y + dy;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
-                    if (fx == 2) {      /* both children per step, as deepcd_mgc_restrict */
+                    if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
 #pragma omp simd
                         for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;

@@ -83,7 +83,6 @@ MG_SIGNATURES = {
     # levels with coefficients (stencil.py)
     "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
     "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int],
-    "deepcd_mgc_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
     # semi-coarsened levels (factors per axis)
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
@@ -543,8 +542,7 @@ class CKernels:
                                  g.data_ptr(), xp.data_ptr(), int(first), self.nt())
 
     def restrict_c(self, xp, b, diag, coef, cmask, cb):
-        self.lib.deepcd_mgc_restrict(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
-                                     coef.data_ptr(), cmask.data_ptr(), cb.data_ptr(), self.nt())
+        self.restrict_s((2, 2, 2), xp, b, diag, coef, cmask, cb)
 
     def prolong(self, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong(*fluid.shape, e.data_ptr(), float(scale), fluid.data_ptr(),
