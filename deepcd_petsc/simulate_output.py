@@ -127,8 +127,9 @@ class Recorder:
 def render(img, solid, scene, title):
     """RGB uint8 picture of a side view (z up), obstacle silhouette grey."""
     plt = _mpl()
-    from matplotlib import cm
-    cmap = cm.get_cmap("inferno" if scene == "smoke" else "Blues")
+    import matplotlib
+    # matplotlib.colormaps (3.5+): cm.get_cmap is gone from 3.9 on
+    cmap = matplotlib.colormaps["inferno" if scene == "smoke" else "Blues"]
     vmax = 1.0
     rgb = cmap(np.clip(img / vmax, 0, 1))[..., :3]
     rgb[solid] = 0.6 * rgb[solid] + 0.4 * np.array([0.75, 0.75, 0.75])
