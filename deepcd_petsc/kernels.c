@@ -293,27 +293,8 @@ void deepcd_mg_restrict(int D, int H, int W, const float *xp, const float *b, co
         }
 }
 
-/* x += (scale · e(parent)) ∘ fluid: nearest-neighbour prolongation of the
- * coarse correction e (D/2, H/2, W/2) */
-void deepcd_mg_prolong(int D, int H, int W, const float *e, float scale, const float *fluid,
-                       float *xp, int nt)
-{
-    long H2 = H + 2, W2 = W + 2;
-    int Hc = H / 2, Wc = W / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
-    for (int z = 0; z < D; z++)
-        for (int y = 0; y < H; y++) {
-            long u = ((long)z * H + y) * W;
-            const float *ec = e + ((long)(z / 2) * Hc + y / 2) * Wc, *fu = fluid + u;
-            float *xo = ROW(xp, z, y, H2, W2);
-#pragma omp simd
-            for (int X = 0; X < Wc; X++) {       /* W even: both children per step */
-                float v = scale * ec[X];
-                xo[2 * X] += v * fu[2 * X];
-                xo[2 * X + 1] += v * fu[2 * X + 1];
-            }
-        }
-}
+/* (the nearest-neighbour prolongation x += (scale · e(parent)) ∘ fluid is
+ * deepcd_mg_prolong_s with factors 2, 2, 2) */
 
 /* ---- the V-cycle's passes for levels with coefficients (stencil.py) ----
  * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of

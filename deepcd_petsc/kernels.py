@@ -79,7 +79,6 @@ MG_SIGNATURES = {
     "deepcd_mg_step": [_int, _int, _int, _v, _v, _v, _v, _int, _int],
     "deepcd_mg_step_out": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int, _v, _int],
     "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
-    "deepcd_mg_prolong": [_int, _int, _int, _v, _f, _v, _v, _int],
     # levels with coefficients (stencil.py)
     "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
     "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int],
@@ -545,8 +544,7 @@ class CKernels:
         self.restrict_s((2, 2, 2), xp, b, diag, coef, cmask, cb)
 
     def prolong(self, e, scale, fluid, xp):
-        self.lib.deepcd_mg_prolong(*fluid.shape, e.data_ptr(), float(scale), fluid.data_ptr(),
-                                   xp.data_ptr(), self.nt())
+        self.prolong_s((2, 2, 2), e, scale, fluid, xp)
 
     def restrict_s(self, factors, xp, b, diag, coef, cmask, cb):
         """restrict_c for aggregates of factors (fz, fy, fx) cells."""

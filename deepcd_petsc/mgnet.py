@@ -491,7 +491,8 @@ class MGNet(nn.Module):
             lv = {}
             if sd is not None:
                 diag = torch.where(fl > 0, sd.float(), torch.ones_like(fl))
-                cmax = sc.amax(1, keepdim=True).float()
+                cm = sc.amax(1, keepdim=True)
+                cmax = cm.float()
                 # scale-free: diag over 6 × the strongest coupling (diag/6
                 # on the unit operator, which the gates were trained on)
                 feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
@@ -505,7 +506,6 @@ class MGNet(nn.Module):
                 # cells (64³ aniso: 95 iterations with n_c·c/Σc, 15 with this)
                 csum = sc.sum(1, keepdim=True)
                 nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
-                cm = sc.amax(1, keepdim=True)
                 mean = csum / nc.clamp(min=1)
                 # stored as the row's 1/√(c_max·c_mean) only (tap_weights)
                 lv["tnorm"] = torch.where(csum > 0, (cm * mean).clamp(min=1e-300).rsqrt(),
@@ -656,9 +656,9 @@ class MGNet(nn.Module):
         if "coef" not in lc or not geo.get("adaptive", ADAPTIVE):
             return e, None
         f = geo["levels"][l]["factors"]
-        return e, self._energy_step(geo, lc, e, cb, whole, kern is not None, f, kern)
+        return e, self._energy_step(geo, lc, e, cb, whole, f, kern)
 
-    def _energy_step(self, geo, lc, e, cb, whole, flat=False, f=(2, 2, 2), kern=None):
+    def _energy_step(self, geo, lc, e, cb, whole, f=(2, 2, 2), kern=None):
         """ADAPTIVE × the coarse correction's energy-optimal weight
         eᵀr / eᵀAe, with e = P e_c and r the fine residual, computed on the
         coarse level (per field of a batch): Pᵀr = |f|·cb (cb the average
@@ -666,8 +666,9 @@ class MGNet(nn.Module):
         fits every operator (the flag scenes' learned 4 over-corrects jumps,
         2 under-corrects isotropic levels). Scale-free, so the network stays
         positively homogeneous; global sums on several ranks."""
+        flat = kern is not None      # the fused kernels' (D, H, W) fields
         fused = lc.get("fused")
-        if flat and kern is not None and hasattr(kern, "energy") and fused is not None \
+        if flat and hasattr(kern, "energy") and fused is not None \
                 and e.data_ptr() == fused["xp"][1:-1, 1:-1, 1:-1].data_ptr():
             # e is the coarse level's own buffer: both sums in one C pass
             h = self._level_halo(geo, whole)
