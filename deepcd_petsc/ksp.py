@@ -40,6 +40,7 @@ class DCDM(NetworkContext):
         # (density 32³: 9 fallbacks, 38 iterations instead of 21)
         self.stagnation = 0.999
         self.fallbacks = 0
+        self.checks = 0             # stagnation checks (network vs Jacobi) in the last solve
         self.total_fallbacks = 0
         self.switch = 8             # fallbacks in one solve (and 1 in 3 directions) before CG + Jacobi
         self.switched_at = None     # iteration of the last solve where it did
@@ -75,7 +76,7 @@ class DCDM(NetworkContext):
     def _workspace(self, sizes, bsize, comm):
         """r, D⁻¹ and m+1 (d, Ad) pairs, allocated at set-up (as PETSc's
         own KSPs do) and kept between solves."""
-        count = 2 + 2 * (self.northo + 1)
+        count = 2 + 2 * (self.northo + 2)   # +1 slot: the Jacobi candidate of a check
         if self.ws is None or not self.ws.fits(sizes, count):
             self._free_workspace()
             self.ws = Workspace(sizes, bsize, comm, count)
@@ -91,11 +92,12 @@ class DCDM(NetworkContext):
 
     @reported
     def view(self, ksp, viewer):
-        viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s), "
-                           f"safeguard = Jacobi-preconditioned residual "
-                           f"(stagnation: ‖r‖ > {self.stagnation} × ‖r‖ {STAGNATION_WINDOW} iterations before)\n")
-        viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve, "
-                           f"{self.total_fallbacks} in all\n")
+        viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s); "
+                           f"safeguard: where ‖r‖ > {self.stagnation} × ‖r‖ {STAGNATION_WINDOW} "
+                           f"iterations before, the Jacobi direction D⁻¹r replaces the network's "
+                           f"when it lowers the error's energy more\n")
+        viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve "
+                           f"({self.checks} check(s)), {self.total_fallbacks} in all\n")
         sw = (f"after {self.switch} fallbacks in a solve" if self.switch and self.northo
               else "never" + (" (needs northo >= 1)" if self.switch else ""))
         last = (f"the last solve switched at iteration {self.switched_at}"
@@ -161,6 +163,7 @@ class DCDM(NetworkContext):
                 for i in range(2, ws.count, 2)]
         dirs = []                   # (slot, pᵀAp) of the last m directions
         self.fallbacks = 0
+        self.checks = 0
         self.switched_at = None
         jacobi_only = False         # CG + Jacobi for the rest of this solve
         rz = None                   # its rᵀD⁻¹r
@@ -172,14 +175,14 @@ class DCDM(NetworkContext):
         max_it = ksp.getTolerances()[3]
         if not self._report(ksp, its, rn):
             return
-        force_fallback = False
+        check = False               # compare the network's direction with Jacobi's
         with VecView(x) as xt:
             while True:
                 if its >= max_it:
                     ksp.setConvergedReason(PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT)
                     return
                 slot = d, dt, Ad, Adt = free[-1]
-                used_fallback = force_fallback
+                used_fallback = False
                 if jacobi_only:
                     # PCG with D⁻¹: p = z + βp_old, β = rᵀz / r_oldᵀz_old (the
                     # r-based β: A-orthogonalising z is unstable here)
@@ -188,22 +191,33 @@ class DCDM(NetworkContext):
                     if rz_old is not None and dirs:
                         dt.add_(dirs[-1][0][1], alpha=rz / rz_old)
                     dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, [])
-                elif not force_fallback:
+                else:
                     tn = time.perf_counter()
                     r.stateIncrease()
                     self.apply_network(r, d, 1.0 / rn, views=(rt, dt))
                     self.timing["network"] += time.perf_counter() - tn
-                else:
-                    torch.mul(self._jacobi(A, ws), rt, out=dt)
-                if not jacobi_only:
                     dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
-                if not used_fallback and not (dr != 0.0 and 0.0 < dAd < float("inf")):
-                    # the network direction is useless here (NaN/Inf, orthogonal
-                    # to r, or no curvature): take the classical one instead. Its
-                    # sign does not matter: α = dᵀr/dᵀAd follows it.
-                    used_fallback = True
-                    torch.mul(self._jacobi(A, ws), rt, out=dt)
-                    dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
+                    if not _usable(dr, dAd):
+                        # the network direction is useless here (NaN/Inf, orthogonal
+                        # to r, or no curvature): take the classical one instead. Its
+                        # sign does not matter: α = dᵀr/dᵀAd follows it.
+                        used_fallback = True
+                        torch.mul(self._jacobi(A, ws), rt, out=dt)
+                        dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
+                    elif check:
+                        # ‖r‖ stagnated (it need not fall every step: the error's
+                        # A-norm does). Is the network still better than Jacobi
+                        # here? Both directions' energy decrease (dᵀr)²/dᵀAd, one
+                        # more MatMult; the larger one is taken
+                        alt = free[-2]
+                        torch.mul(self._jacobi(A, ws), rt, out=alt[1])
+                        drj, dAdj = self._direction(A, nullsp, ws, rt, *alt, dirs)
+                        self.checks += 1
+                        if _usable(drj, dAdj) and drj * drj / dAdj > dr * dr / dAd:
+                            used_fallback = True
+                            free[-1], free[-2] = alt, slot
+                            slot = d, dt, Ad, Adt = alt
+                            dr, dAd = drj, dAdj
                 if used_fallback and not jacobi_only:
                     self.fallbacks += 1
                     self.total_fallbacks += 1
@@ -241,8 +255,8 @@ class DCDM(NetworkContext):
                 if len(dirs) > self.northo:
                     free.append(dirs.pop(0)[0])
                 its += 1
-                force_fallback = jacobi_only or (len(history) >= STAGNATION_WINDOW and
-                                                 rn > self.stagnation * history[-STAGNATION_WINDOW])
+                check = not jacobi_only and (len(history) >= STAGNATION_WINDOW and
+                                             rn > self.stagnation * history[-STAGNATION_WINDOW])
                 if not self._report(ksp, its, rn):
                     return
 
@@ -298,3 +312,8 @@ class DCDM(NetworkContext):
             ksp.setConvergedReason(reason)
             return False
         return True
+
+
+def _usable(dr, dAd):
+    """A direction with a step: dᵀr ≠ 0 and finite positive curvature."""
+    return dr != 0.0 and 0.0 < dAd < float("inf")

@@ -377,3 +377,30 @@ def test_unit_path_only_when_exact(tmp_path):
     finally:
         p.destroy()
     assert "coefficients (AIJ)" in text, text
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_nonmonotone_residual_keeps_the_network(seed, tmp_path):
+    """DCDM's ‖r‖ may rise for several steps while the error's energy falls
+    (density jumps). The safeguard then compares the network's direction
+    with Jacobi's by their energy decrease instead of replacing it: these
+    scenes took 217 and 441 iterations when stagnating ‖r‖ alone forced
+    Jacobi directions and then the switch to Jacobi-PCG."""
+    p = Problem.from_scene("density", (32, 32, 32), seed=seed)
+    try:
+        gamg = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-6,
+                "ksp_norm_type": "unpreconditioned"}
+        with make_ksp(p.A, "gm_", gamg, da=p.da) as ksp:
+            _, gamg_its, _, x = solve(ksp, p)
+        x.destroy()
+        with make_ksp(p.A, "nm_", {**DCDM, "ksp_rtol": 1e-6, "ksp_max_it": 500}, da=p.da) as ksp:
+            reason, its, res, x = solve(ksp, p)
+            ctx = ksp.getPythonContext()
+            text = view_text(ksp, tmp_path)
+        x.destroy()
+    finally:
+        p.destroy()
+    assert reason == "CONVERGED_RTOL" and res <= 1e-6, (reason, its, res)
+    assert ctx.switched_at is None and ctx.checks >= 1, text
+    assert its <= 3 * gamg_its, (its, gamg_its)   # 52 vs 21 and 28 vs 23 here
+    assert "check(s)" in text and "lowers the error's energy" in text, text
