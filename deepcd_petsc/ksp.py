@@ -43,7 +43,7 @@ class DCDM(NetworkContext):
         self.fallbacks = 0
         self.checks = 0             # stagnation checks (network vs Jacobi) in the last solve
         self.total_fallbacks = 0
-        self.switch = 8             # fallbacks in one solve (and 1 in 3 directions) before CG + Jacobi
+        self.switch = 8             # fallbacks in one solve (and half the checks) before CG + Jacobi
         self.switched_at = None     # iteration of the last solve where it did
         self.switches = 0           # solves that switched, in all
         self.timing = {}
@@ -77,7 +77,9 @@ class DCDM(NetworkContext):
     def _workspace(self, sizes, bsize, comm):
         """r, D⁻¹ and m+1 (d, Ad) pairs, allocated at set-up (as PETSc's
         own KSPs do) and kept between solves."""
-        count = 2 + 2 * (self.northo + 2)   # +1 slot: the Jacobi candidate of a check
+        # with m = 0 one more slot holds a check's Jacobi candidate (else the
+        # oldest direction's slot does: it leaves after this step anyway)
+        count = 2 + 2 * (self.northo + 1 + (self.northo == 0))
         if self.ws is None or not self.ws.fits(sizes, count):
             self._free_workspace()
             self.ws = Workspace(sizes, bsize, comm, count)
@@ -99,7 +101,8 @@ class DCDM(NetworkContext):
                            f"when it lowers the error's energy more\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve "
                            f"({self.checks} check(s)), {self.total_fallbacks} in all\n")
-        sw = (f"after {self.switch} fallbacks in a solve" if self.switch and self.northo
+        sw = (f"after {self.switch} fallbacks in a solve, if Jacobi won half the checks"
+              if self.switch and self.northo
               else "never" + (" (needs northo >= 1)" if self.switch else ""))
         last = (f"the last solve switched at iteration {self.switched_at}"
                 if self.switched_at is not None else "the last solve did not")
@@ -204,6 +207,7 @@ class DCDM(NetworkContext):
                         # to r, or no curvature): take the classical one instead. Its
                         # sign does not matter: α = dᵀr/dᵀAd follows it.
                         used_fallback = True
+                        self.checks += 1
                         torch.mul(self._jacobi(A, ws), rt, out=dt)
                         dr, dAd = self._direction(A, nullsp, ws, rt, d, dt, Ad, Adt, dirs)
                     elif check:
@@ -211,13 +215,20 @@ class DCDM(NetworkContext):
                         # A-norm does). Is the network still better than Jacobi
                         # here? Both directions' energy decrease (dᵀr)²/dᵀAd, one
                         # more MatMult; the larger one is taken
-                        alt = free[-2]
+                        # the candidate's slot: a free one, else the oldest
+                        # direction's (then A-orthogonal to the others only)
+                        spare = len(free) > 1
+                        alt = free[-2] if spare else dirs[0][0]
                         torch.mul(self._jacobi(A, ws), rt, out=alt[1])
-                        drj, dAdj = self._direction(A, nullsp, ws, rt, *alt, dirs)
+                        drj, dAdj = self._direction(A, nullsp, ws, rt, *alt,
+                                                    dirs if spare else dirs[1:])
                         self.checks += 1
                         if _usable(drj, dAdj) and drj * drj / dAdj > dr * dr / dAd:
                             used_fallback = True
-                            free[-1], free[-2] = alt, slot
+                            if spare:
+                                free[-1], free[-2] = alt, slot
+                            else:
+                                free.append(dirs.pop(0)[0])
                             slot = d, dt, Ad, Adt = alt
                             dr, dAd = drj, dAdj
                             gap = 0
@@ -231,9 +242,11 @@ class DCDM(NetworkContext):
                     self.fallbacks += 1
                     self.total_fallbacks += 1
                     if self.switch and self.northo and self.fallbacks >= self.switch \
-                            and 3 * self.fallbacks >= its:
-                        # mixing network and Jacobi directions breaks either
-                        # recurrence: from here on, PCG with D⁻¹ alone; from
+                            and 2 * self.fallbacks >= self.checks:
+                        # Jacobi won at least half of the checks: the network is
+                        # worse than D⁻¹ here, and mixing network and Jacobi
+                        # directions breaks either recurrence. From here on,
+                        # PCG with D⁻¹ alone; from
                         # the zero guess again when the network gained less
                         # than a decade (its directions can leave error in
                         # modes Jacobi-CG is slow on: 365 vs 264 iterations)

@@ -119,6 +119,10 @@ def _model(tmp_path_factory, name, value):
             for m in net.modules():
                 if hasattr(m, "kernel"):
                     m.kernel.fill_(3e38)
+        elif value == "negated":   # smoothers that push the wrong way: usable, poor directions
+            for m in net.modules():
+                if hasattr(m, "kernel"):
+                    m.kernel.mul_(-1.0)
         else:
             net.coarse_scale.fill_(value)
     path = tmp_path_factory.mktemp(name) / f"{name}.pt"
@@ -132,6 +136,7 @@ def bad_models(tmp_path_factory):
     operators, poor directions) or with smoothers that overflow (no usable
     direction at all)."""
     return {"reversed": _model(tmp_path_factory, "reversed", -4.0),
+            "negated": _model(tmp_path_factory, "negated", "negated"),
             "zero": _model(tmp_path_factory, "zero", None)}
 
 
@@ -145,7 +150,7 @@ def _cg_jacobi_its(p):
 
 
 @pytest.mark.parametrize("fam", ["perm", "stretch"])
-@pytest.mark.parametrize("kind", ["reversed", "zero"])
+@pytest.mark.parametrize("kind", ["reversed", "negated", "zero"])
 def test_useless_network_as_fast_as_jacobi_cg(families, fam, kind, bad_models, tmp_path):
     """No worse than CG + Jacobi (within 1.5x) with a network that does not
     help; a network with no usable direction switches to Jacobi-PCG, and
@@ -160,6 +165,8 @@ def test_useless_network_as_fast_as_jacobi_cg(families, fam, kind, bad_models, t
     x.destroy()
     assert reason == "CONVERGED_RTOL" and res <= 1e-6, (reason, its, res)
     assert its <= 1.5 * cg_its + 20, (its, cg_its)
+    if kind == "negated":     # Jacobi beats these directions: it switches
+        assert switched is not None and "switched at iteration" in text, text
     if kind == "zero":
         assert switched == 7 and "switched at iteration 7" in text, text
         assert its <= cg_its + 12, (its, cg_its)
