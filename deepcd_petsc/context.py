@@ -321,7 +321,8 @@ class NetworkContext:
             self.operator_path = "the operator's 7-point coefficients (AIJ), Galerkin coarse levels"
         else:
             flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
-            self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
+            self.operator_path = (f"the operator's 7-point coefficients (probed, "
+                                  f"{getattr(st, 'matmults', 8)} MatMults), "
                                   "Galerkin coarse levels")
         self.stencil = st.packed()
         self.periodic = st.periodic

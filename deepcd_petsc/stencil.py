@@ -13,6 +13,8 @@ Why per row and not per face: a row only needs its own cells, so any split
 reads its block without communication, and nonsymmetric rows (PETSc's
 tutorials keep Dirichlet rows as identity) are represented as they are.
 """
+import itertools
+
 import numpy as np
 
 from .errors import SetupError
@@ -342,48 +344,63 @@ def _from_aij_numpy(da, A, local):
 def probe(da, A, local, check=True):
     """The stencil of a matrix-free operator (any Mat with mult) from 7
     MatMults with colour vectors, plus one random check. Exact for any
-    7-point operator, since neighbours never share a colour (a periodic
-    axis whose length is not a multiple of 7 can break that at the wrap:
-    those axes get an extra check)."""
+    7-point operator, since neighbours never share a colour. A periodic
+    axis whose length is not a multiple of 7 breaks that at the wrap: the
+    colouring is then repeated with that axis' seam moved to its middle
+    (st.matmults counts the MatMults)."""
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
-    k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
-                          indexing="ij")
-    colour = (i + 2 * j + 3 * k) % NCOLOURS
+    idx = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe), indexing="ij")
     nx, ny, nz = da.getSizes()
+    sizes = (nz, ny, nx)
+    mults = (3, 2, 1)
     per = periodic_axes(da)
-    for axis, (n, mult) in enumerate(((nz, 3), (ny, 2), (nx, 1))):
-        if per[axis] and (n * mult) % NCOLOURS != 0:
+    seams = [a for a in range(3) if per[a] and (sizes[a] * mults[a]) % NCOLOURS != 0]
+    for a in seams:
+        if sizes[a] < 4:
             raise SetupError(f"probing a matrix-free operator on a periodic DMDA needs the periodic "
-                             f"axis {'zyx'[axis]} length ({n}) to keep the colouring (i+2j+3k) mod 7 "
-                             "consistent across the wrap (a multiple of 7); assemble the operator "
-                             "(AIJ) or use deepcd_petsc.set_stencil instead")
+                             f"axis {'zyx'[a]} to have at least 4 cells (it has {sizes[a]}); "
+                             "assemble the operator (AIJ) or use deepcd_petsc.set_stencil instead")
     x = da.createGlobalVec()
     y = da.createGlobalVec()
     diag = np.zeros(local)
     coef = np.zeros((6,) + tuple(local))
+    done = np.zeros(local, bool)
+    count = 0
     try:
-        for c in range(NCOLOURS):
-            x.getArray()[...] = (colour == c).ravel().astype(float)
-            x.stateIncrease()
-            A.mult(x, y)
-            ya = y.getArray(readonly=True).reshape(local)
-            # the 7 cells of a stencil differ in colour, so y(p) is diag(p)
-            # where p has colour c, −coef_f(p) where nb_f(p) has it, else 0
-            own = colour == c
-            diag[own] = ya[own]
-            # y at cell p of colour c' responds to neighbour q (colour c):
-            # coef_f(p) = −y(p) where nb_f(p) has colour c
-            for f, (axis, step) in enumerate(FACES):
-                nbc = (colour + (step * (3, 2, 1)[axis])) % NCOLOURS
-                sel = nbc == c
-                coef[f][sel] = -ya[sel]
+        # every cell is off the seam (layers 0 and n−1) of each axis in one
+        # of the shift combinations: 0, or half the axis where it sits on it
+        for shifts in itertools.product(*[(0, sizes[a] // 2) if a in seams else (0,)
+                                          for a in range(3)]):
+            pos = [(ix + sh) % n for ix, sh, n in zip(idx, shifts, sizes)]
+            ok = ~done
+            for a in seams:
+                ok &= (pos[a] != 0) & (pos[a] != sizes[a] - 1)
+            if not da.getComm().tompi4py().allreduce(bool(ok.any())):
+                continue
+            colour = sum(m * q for m, q in zip(mults, pos)) % NCOLOURS
+            for c in range(NCOLOURS):
+                x.getArray()[...] = (colour == c).ravel().astype(float)
+                x.stateIncrease()
+                A.mult(x, y)
+                count += 1
+                ya = y.getArray(readonly=True).reshape(local)
+                # the 7 cells of a stencil differ in colour, so y(p) is diag(p)
+                # where p has colour c, −coef_f(p) where nb_f(p) has it, else 0
+                own = ok & (colour == c)
+                diag[own] = ya[own]
+                for f, (axis, step) in enumerate(FACES):
+                    sel = ok & ((colour + step * mults[axis]) % NCOLOURS == c)
+                    coef[f][sel] = -ya[sel]
+            done |= ok
         st = Stencil(diag, coef, per)
         _zero_outside(st, da)
         if check:
             _check_probe(da, A, st, x, y, local)
+            count += 1
     finally:
         x.destroy()
         y.destroy()
+    st.matmults = count
     return st
 
 

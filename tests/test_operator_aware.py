@@ -49,7 +49,7 @@ def test_dcdm_reads_the_operator(families, fam, tmp_path):
     assert "operator's 7-point coefficients (AIJ)" in text, text
 
 
-@pytest.mark.parametrize("fam", ["density", "perm", "aniso", "stretch"])
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_shell_operator_is_probed(families, fam, tmp_path):
     """A MATSHELL takes the same iterations (±1) as the assembled matrix."""
     p = families[fam]

@@ -243,8 +243,12 @@ def test_box_from_aij_equals_from_flags():
 
 # ------------------------------------------------------------------ 2. probing
 @pytest.mark.parametrize("scene,shape", [(s, SHAPE) for s in SCENES if s != "periodic"]
-                         + [("periodic", (14, 14, 10)), ("periodic", (21, 14, 9))])
+                         + [("periodic", (14, 14, 10)), ("periodic", (21, 14, 9)),
+                            ("periodic", (12, 14, 10)), ("periodic", (16, 13, 9)),
+                            ("periodic", (4, 5, 6))])
 def test_probe_equals_from_aij(scene, shape):
+    """Periodic lengths that are not multiples of 7 put same-coloured cells
+    side by side at the wrap: those are read again with the seam moved."""
     p = problem(scene, shape)
     local = local_shape(p.da)
     ref = stencil.from_aij(p.da, p.A, local)
@@ -281,12 +285,22 @@ def test_probe_nonsymmetric_7_point():
     B.destroy()
 
 
-@pytest.mark.parametrize("shape,axis", [((12, 14, 10), "x"), ((14, 12, 10), "y")])
-def test_probe_periodic_length_not_multiple_of_7(shape, axis):
+@pytest.mark.parametrize("shape,matmults", [((14, 14, 10), 8), ((12, 14, 10), 15),
+                                            ((16, 13, 9), 29)])
+def test_probe_periodic_seams_cost(shape, matmults):
+    """7 MatMults per seam combination (x and/or y off their multiples of
+    7), plus the random check."""
     p = problem("periodic", shape)
     M = shell_of(p.A)
-    n = shape["xyz".index(axis)]
-    with pytest.raises(SetupError, match=rf"periodic axis {axis} length \({n}\)"):
+    st = stencil.probe(p.da, M, local_shape(p.da))
+    M.destroy()
+    assert st.matmults == matmults
+
+
+def test_probe_periodic_axis_too_short():
+    p = problem("periodic", (3, 14, 10))
+    M = shell_of(p.A)
+    with pytest.raises(SetupError, match=r"periodic axis x to have at least 4 cells \(it has 3\)"):
         stencil.probe(p.da, M, local_shape(p.da))
     M.destroy()
 
