@@ -27,6 +27,13 @@ def _view(a):
         return torch.from_numpy(a)
 
 
+def _gather_rule(net):
+    """MGNet computes its coarse levels whole from mgnet.gather_level's
+    level on: its blocks need only align to that level."""
+    from .mgnet import MGNet, gather_level
+    return gather_level if isinstance(net, MGNet) else None
+
+
 def _tensor(a):
     return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32))
 
@@ -64,7 +71,8 @@ class NetworkEvaluator:
         self.dec = Decomposition(self.shape, net.multiple_for(self.shape, per_xyz), self.comm.getSize(),
                                  self.comm.getRank(), ranges=da.getOwnershipRanges(),
                                  periodic=per_xyz,
-                                 plan=self._plan(net, stencil_local, periodic, mpicomm))
+                                 plan=self._plan(net, stencil_local, periodic, mpicomm),
+                                 gather=_gather_rule(net))
         # the application's split is already aligned: its blocks are ours,
         # and apply() reads and writes the Vecs without the VecScatter
         box = ((xs, xe), (ys, ye), (zs, ze))

@@ -232,6 +232,7 @@ class Problem:
         self.periodic = tuple(periodic)
         nx, ny, nz = self.shape = tuple(shape_xyz)
         comm = comm or PETSc.COMM_WORLD
+        self.ranks = comm.getSize()
         bt = PETSc.DM.BoundaryType
         self.da = PETSc.DMDA().create(
             dim=3, sizes=(nx, ny, nz), dof=1,
@@ -315,14 +316,19 @@ class Problem:
 
     @property
     def flags(self):
-        """The whole grid's flags: those given, or on one rank its block.
-        A per-rank problem on several ranks has none (local_flags)."""
-        if self._flags is not None:
-            return self._flags
-        if self.da.getComm().getSize() == 1:
-            return self.local_flags
-        raise AttributeError("this problem was built per rank: it has no whole-grid flags "
-                             "(use local_flags, this rank's block)")
+        """The whole grid's flags (nz, ny, nx): those given, or gathered
+        from every rank's block: collective, O(global) on every rank, for
+        small problems and tests; set-up and solve use local_flags."""
+        if self._flags is None:
+            if self.ranks == 1:        # (also after destroy())
+                return self.local_flags
+            nx, ny, nz = self.shape
+            whole = np.empty((nz, ny, nx), np.int8)
+            for box, blk in self.da.getComm().tompi4py().allgather((self.box, self.local_flags)):
+                (xs, xe), (ys, ye), (zs, ze) = box
+                whole[zs:ze, ys:ye, xs:xe] = blk
+            return whole
+        return self._flags
 
     def local_stencil(self):
         """This rank's block of A as a stencil.Stencil (diagonal and six
