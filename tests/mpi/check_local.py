@@ -7,7 +7,9 @@ labels   label_regions (distributed) partitions the fluid cells exactly as
          scipy.ndimage.label of the whole grid does, and finds the same
          closed regions, on grids whose regions cross every rank boundary
          (random fluid above and near the percolation threshold, a channel
-         winding through every block, several splits);
+         winding through every block, several splits); deepcd simulate's
+         operator gets one null vector per closed region, each in A's null
+         space;
 flags    DCDM with set_flags given this rank's block, a global Vec, or the
          whole grid: the same iterations and the same solution; a block of
          the wrong shape on one rank, or a Vec of another grid, fails on
@@ -93,6 +95,25 @@ def check_labels():
                     out.append(n)
             finally:
                 p.destroy()
+    # deepcd simulate's pressure operator: the same closed regions, each
+    # constant in A's null space
+    from deepcd_petsc.simulate_grid import Grid
+    for flags, faces in cases:
+        g = Grid(SHAPE, 1.0, comm)
+        A, ns = g.operator(flags, faces)
+        try:
+            vecs = [] if ns is None else ns.getVecs()
+            assert len(vecs) == len(closed_regions(flags, faces)[1]), (len(vecs),)
+            r = A.createVecLeft()
+            for v in vecs:
+                A.mult(v, r)
+                assert r.norm() <= 1e-12 and abs(v.norm() - 1) <= 1e-12, (r.norm(), v.norm())
+            r.destroy()
+        finally:
+            A.destroy()
+            if ns is not None:
+                ns.destroy()
+            g.destroy()
     return f"labels: {len(cases)} grids x {len(splits)} splits, regions {out[:4]}..."
 
 
