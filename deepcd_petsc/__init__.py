@@ -6,7 +6,7 @@ Heavy modules (torch, petsc4py) load on first use, so
 """
 __version__ = "0.1.0"
 
-_LAZY = {"DCDM": ".ksp", "NetworkPC": ".pc", "set_flags": ".context"}
+_LAZY = {"DCDM": ".ksp", "NetworkPC": ".pc", "set_flags": ".context", "set_stencil": ".context"}
 
 
 def __getattr__(name):

@@ -1,7 +1,8 @@
 """What the DCDM KSP and the NetworkPC share: options, model loading, the
 grid and cell flags, and the network evaluator. Geometry comes from (in
-order) deepcd_petsc.set_flags(), or is derived from the operator's rows;
-the grid from the DMDA attached to the KSP/PC, or -<prefix>_dcdm_grid."""
+order) deepcd_petsc.set_flags() or set_stencil() (the whole grid, or each
+rank's own block), or is derived from the operator's rows; the grid from
+the DMDA attached to the KSP/PC, or -<prefix>_dcdm_grid."""
 import hashlib
 import time
 
@@ -33,6 +34,7 @@ class NetworkContext:
         self.rows_dinv = None      # D⁻¹ on kept Dirichlet rows (else None)
         self.work = None
         self.flags = None          # user geometry: (flags, open_faces)
+        self.user_stencil = None   # set_stencil's (7, ...) coefficients
         self.geometry_source = None
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
@@ -105,8 +107,9 @@ class NetworkContext:
         from .model import DTYPES
         state = (A.handle, A.stateGet())
         rebuild = self.evaluator is not None
-        if rebuild and (state == self.op_state or self.flags is not None):
-            return          # unchanged; set_flags geometry does not follow A's values
+        if rebuild and (state == self.op_state or self.flags is not None
+                        or self.user_stencil is not None):
+            return          # unchanged; set_flags/set_stencil geometry does not follow A's values
         t0 = time.perf_counter()
         if not rebuild and self._model_key() != self.loaded:
             # set_flags or a new operator keeps the loaded model: a time
@@ -253,14 +256,12 @@ class NetworkContext:
         local = (ze - zs, ye - ys, xe - xs)
         if self.flags is not None:
             flags, faces = self.flags
-            nx, ny, nz = da.getSizes()
-            if flags.shape == (nz, ny, nx):
-                from .model import dirichlet_fraction
-                d = dirichlet_fraction(flags, faces)[zs:ze, ys:ye, xs:xe]
-                self.geometry_source = "set_flags (global array)"
-                return np.ascontiguousarray(flags[zs:ze, ys:ye, xs:xe]), d
-            raise SetupError(f"set_flags: flags of shape {flags.shape} do not match the grid "
-                               f"(nz, ny, nx) = {(nz, ny, nx)}")
+            block, self.geometry_source = _user_block(da, flags, "set_flags", ())
+            block = block.astype(np.int8)
+            from .model import dirichlet_from_ghosted
+            return block, dirichlet_from_ghosted(_ghosted(da, block, faces))
+        if self.user_stencil is not None:
+            return self._given_stencil(da, local)
         self.geometry_source = "derived from the operator"
         from .stencil import read_aij
         aij = read_aij(da, A, local)     # the rows read once, in C (None: NumPy reads them)
@@ -327,6 +328,24 @@ class NetworkContext:
         self.stencil = st.packed()
         self.periodic = st.periodic
         return flags
+
+    def _given_stencil(self, da, local):
+        """(flags, dirichlet) of set_stencil's coefficients: fluid = rows
+        coupled to a neighbour (as a probed operator's), the network
+        applying the coefficients themselves (MGNet; a flags-only model
+        gets the flags)."""
+        from .mgnet import MGNet
+        from .stencil import Stencil, periodic_axes
+        st, self.geometry_source = _user_block(da, self.user_stencil, "set_stencil", (7,))
+        st = Stencil.from_packed(st, periodic_axes(da))
+        flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
+        self.stencil = self.periodic = None
+        if isinstance(self.net, MGNet):
+            self.stencil, self.periodic = st.packed(), st.periodic
+            self.operator_path = "the coefficients given to set_stencil, Galerkin coarse levels"
+        else:
+            self.operator_path = "unit 7-point operator of the cell flags (this model reads flags only)"
+        return flags, np.zeros(local)
 
     def _same_geometry(self, before, A):
         """Whether the geometry just derived equals `before` on every rank."""
@@ -395,9 +414,9 @@ def _scaled_digest(st, chunk=1 << 18):
     return h.hexdigest()
 
 
-def _ghosted(da, flags):
+def _ghosted(da, flags, open_faces=()):
     """This rank's flags with one ghost layer from the neighbours (SOLID
-    beyond the grid)."""
+    beyond the grid, AIR beyond `open_faces`)."""
     g = da.createGlobalVec()
     with g as arr:
         arr[...] = np.asarray(flags, dtype=float).ravel()
@@ -409,7 +428,54 @@ def _ghosted(da, flags):
     g.destroy()
     loc.destroy()
     oz, oy, ox = zs - gzs, ys - gys, xs - gxs
-    return np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
+    p = np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
+    nx, ny, nz = da.getSizes()
+    for face in open_faces:
+        axis = {"x": 2, "y": 1, "z": 0}[face[0]]
+        lo, n = (zs, ys, xs)[axis], (nz, ny, nx)[axis]
+        hi = lo + (zm, ym, xm)[axis]
+        if (face[1] == "+" and hi == n) or (face[1] == "-" and lo == 0):
+            idx = [slice(None)] * 3
+            idx[axis] = -1 if face[1] == "+" else 0
+            p[tuple(idx)] = AIR
+    return p
+
+
+def _user_block(da, arr, what, lead):
+    """This rank's block (lead + (zm, ym, xm)) of what the application
+    gave `what` (set_flags, set_stencil): the whole grid, the same on every
+    rank; this rank's block of the DMDA's ownership range; or the local
+    part of a global Vec (flat, x fastest). Returns (block, the form's
+    name). A shape that fits neither is reported on every rank (the
+    others would wait in the next collective)."""
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    local = (ze - zs, ye - ys, xe - xs)
+    nx, ny, nz = da.getSizes()
+    block, form, err = None, None, None
+    n = int(np.prod(lead + local))
+    if isinstance(arr, tuple):        # ("vec", local values, global size)
+        _, vals, size = arr
+        if size != int(np.prod(lead + (nz, ny, nx))) or vals.size != n:
+            err = (f"{what}: the Vec has {size} entries, {vals.size} on rank {da.getComm().getRank()}; "
+                   f"the DMDA needs {int(np.prod(lead + (nz, ny, nx)))}, {n} there "
+                   f"(create it with the DMDA's createGlobalVec)")
+        else:
+            # a dof-k Vec interleaves the k values of a cell
+            block = np.moveaxis(vals.reshape(local + lead), -1, 0) if lead else vals.reshape(local)
+            form = f"{what} (global Vec)"
+    elif arr.shape == lead + (nz, ny, nx):
+        block = arr[(slice(None),) * len(lead) + (slice(zs, ze), slice(ys, ye), slice(xs, xe))]
+        form = f"{what} (whole grid)"
+    elif arr.shape == lead + local:
+        block, form = arr, f"{what} (this rank's block)"
+    else:
+        err = (f"{what}: an array of shape {arr.shape} on rank {da.getComm().getRank()} is neither "
+               f"the grid {lead + (nz, ny, nx)} nor this rank's block {lead + local} "
+               f"(z {zs}:{ze}, y {ys}:{ye}, x {xs}:{xe}, the DMDA's ownership range)")
+    errs = [e for e in da.getComm().tompi4py().allgather(err) if e]
+    if errs:
+        raise SetupError(errs[0])
+    return np.ascontiguousarray(block), form
 
 
 def geometry_from_operator(da, A, local, with_rows=False, aij=None, kernels=True):
@@ -509,16 +575,8 @@ def _row_sums_numpy(A, n):
     return diag, rowabs, nnz, rows, cols
 
 
-def set_flags(obj, flags, open_faces=()):
-    """Give a DCDM KSP and/or NetworkPC the cell flags of the application
-    (int array (nz, ny, nx) of the whole grid, 0 fluid / 1 solid / 2 air,
-    same on every rank) and its open domain faces ("x-", ..., "z+").
-    `obj` is the KSP (its PC is set too when it is a NetworkPC) or a PC."""
-    flags = np.asarray(flags)
-    if flags.ndim != 3 or not np.issubdtype(flags.dtype, np.integer):
-        raise SetupError("set_flags: flags must be a 3D integer array (nz, ny, nx)")
-    if ((flags < 0) | (flags > 2)).any():
-        raise SetupError("set_flags: flag values must be 0 (fluid), 1 (solid) or 2 (air)")
+def _targets(obj):
+    """The DCDM/NetworkPC contexts of a KSP (and its PC) or a PC."""
     targets = []
     if isinstance(obj, PETSc.KSP):
         if obj.getType() == PETSc.KSP.Type.PYTHON:
@@ -528,8 +586,81 @@ def set_flags(obj, flags, open_faces=()):
             targets.append(pc.getPythonContext())
     elif isinstance(obj, PETSc.PC) and obj.getType() == PETSc.PC.Type.PYTHON:
         targets.append(obj.getPythonContext())
-    targets = [t for t in targets if isinstance(t, NetworkContext)]
+    return [t for t in targets if isinstance(t, NetworkContext)]
+
+
+def _given(obj, arr, what, check):
+    """The application's array or Vec, checked on every rank of obj's
+    communicator (one rank's bad values fail all of them)."""
+    err = None
+    if isinstance(arr, PETSc.Vec):
+        vals = arr.getArray(readonly=True).real.copy()
+        out = ("vec", vals, arr.getSize())
+    else:
+        out = vals = np.asarray(arr)
+    try:
+        check(vals)
+    except SetupError as e:
+        err = str(e)
+    errs = [e for e in obj.getComm().tompi4py().allgather(err) if e]
+    if errs:
+        raise SetupError(errs[0])
+    return out
+
+
+def set_flags(obj, flags, open_faces=()):
+    """Give a DCDM KSP and/or NetworkPC the cell flags of the application,
+    0 fluid / 1 solid / 2 air, and its open domain faces ("x-", ..., "z+"):
+    either this rank's block (zm, ym, xm) of the DMDA's ownership range
+    (da.getRanges()), or a global Vec of the DMDA, so that no rank holds the
+    whole grid; or, for small problems, the whole grid (nz, ny, nx), the
+    same on every rank. Collective. `obj` is the KSP (its PC is set too when
+    it is a NetworkPC) or a PC."""
+    def check(f):
+        if isinstance(flags, PETSc.Vec):
+            if np.any(f != np.rint(f)):
+                raise SetupError("set_flags: the Vec's flag values must be whole numbers 0, 1, 2")
+        elif f.ndim != 3 or not np.issubdtype(f.dtype, np.integer):
+            raise SetupError("set_flags: flags must be a 3D integer array: this rank's block "
+                             "(zm, ym, xm) or the whole grid (nz, ny, nx)")
+        if ((f < 0) | (f > 2)).any():
+            raise SetupError("set_flags: flag values must be 0 (fluid), 1 (solid) or 2 (air)")
+    given = _given(obj, flags, "set_flags", check)
+    if isinstance(given, tuple):
+        given = ("vec", given[1].astype(np.int8), given[2])
+    else:
+        given = given.astype(np.int8)
+    targets = _targets(obj)
     for t in targets:
-        t.flags = (flags.astype(np.int8), tuple(open_faces))
+        t.flags = (given, tuple(open_faces))
+        t.user_stencil = None
+        t.reset_network()
+    return len(targets)
+
+
+def set_stencil(obj, stencil):
+    """Give a DCDM KSP and/or NetworkPC the application's 7-point operator
+    per cell instead of letting it read the assembled matrix (a matrix-free
+    operator then needs no probing): float (7, zm, ym, xm) for this rank's
+    block of the DMDA's ownership range, the diagonal A[i, i] then the
+    couplings −A[i, nb] to the z−, z+, y−, y+, x−, x+ neighbours (0 where
+    there is none: walls, beyond the grid; a Dirichlet neighbour adds to
+    the diagonal only); or the whole grid (7, nz, ny, nx), the same on
+    every rank; or a global Vec of a dof-7 DMDA on the same grid and split.
+    Periodic axes come from the DMDA. Rows without couplings are left to
+    the Krylov method. Collective."""
+    def check(a):
+        if not isinstance(stencil, PETSc.Vec) and (a.ndim != 4 or a.shape[0] != 7):
+            raise SetupError(f"set_stencil: expected an array (7, zm, ym, xm) or (7, nz, ny, nx), "
+                             f"got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise SetupError("set_stencil: the coefficients hold NaN or Inf")
+    given = _given(obj, stencil, "set_stencil", check)
+    if not isinstance(given, tuple):
+        given = given.astype(np.float64)
+    targets = _targets(obj)
+    for t in targets:
+        t.user_stencil = given
+        t.flags = None
         t.reset_network()
     return len(targets)

@@ -27,6 +27,13 @@ def _view(a):
         return torch.from_numpy(a)
 
 
+def _gather_rule(net):
+    """MGNet computes its coarse levels whole from mgnet.gather_level's
+    level on: its blocks need only align to that level."""
+    from .mgnet import MGNet, gather_level
+    return gather_level if isinstance(net, MGNet) else None
+
+
 def _tensor(a):
     return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32))
 
@@ -64,7 +71,8 @@ class NetworkEvaluator:
         self.dec = Decomposition(self.shape, net.multiple_for(self.shape, per_xyz), self.comm.getSize(),
                                  self.comm.getRank(), ranges=da.getOwnershipRanges(),
                                  periodic=per_xyz,
-                                 plan=self._plan(net, stencil_local, periodic, mpicomm))
+                                 plan=self._plan(net, stencil_local, periodic, mpicomm),
+                                 gather=_gather_rule(net))
         # the application's split is already aligned: its blocks are ours,
         # and apply() reads and writes the Vecs without the VecScatter
         box = ((xs, xe), (ys, ye), (zs, ze))
@@ -72,18 +80,24 @@ class NetworkEvaluator:
         self.identity = mpicomm.allreduce(self.dec.active and self.dec.real_block == box,
                                           op=MPI.LAND)
         (bx0, bx1), (by0, by1), (bz0, bz1) = self.dec.real_block
-        k, j, i = np.meshgrid(np.arange(bz0, bz1), np.arange(by0, by1),
-                              np.arange(bx0, bx1), indexing="ij")
-        src = Layout.from_da(da).petsc_index(k, j, i).ravel().astype(PETSc.IntType)
         self.real_shape = (bz1 - bz0, by1 - by0, bx1 - bx0)
-        self.work = PETSc.Vec().createMPI((src.size, PETSc.DECIDE), comm=self.comm)
-        lo, _ = self.work.getOwnershipRange()
-        is_from = PETSc.IS().createGeneral(src, comm=self.comm)
-        is_to = PETSc.IS().createStride(src.size, lo, 1, comm=self.comm)
-        user = da.createGlobalVec()
-        self.scatter = PETSc.Scatter().create(user, is_from, self.work, is_to)
-        is_from.destroy()
-        is_to.destroy()
+        self.scatter = self.work = user = None
+        if not self.identity:
+            # (an aligned split needs none of this: index arrays, the
+            # scatter and its work Vec cost ~60 bytes a cell)
+            k, j, i = np.meshgrid(np.arange(bz0, bz1), np.arange(by0, by1),
+                                  np.arange(bx0, bx1), indexing="ij")
+            src = Layout.from_da(da).petsc_index(k, j, i).ravel().astype(PETSc.IntType)
+            del k, j, i
+            self.work = PETSc.Vec().createMPI((src.size, PETSc.DECIDE), comm=self.comm)
+            lo, _ = self.work.getOwnershipRange()
+            is_from = PETSc.IS().createGeneral(src, comm=self.comm)
+            is_to = PETSc.IS().createStride(src.size, lo, 1, comm=self.comm)
+            user = da.createGlobalVec()
+            self.scatter = PETSc.Scatter().create(user, is_from, self.work, is_to)
+            is_from.destroy()
+            is_to.destroy()
+            del src
         # geometry travels the same way, as floats
         self.inner = inner = tuple(slice(0, s) for s in self.real_shape)
         block = np.full(self._block_shape(), SOLID, np.int8)
@@ -96,11 +110,15 @@ class NetworkEvaluator:
         for field, out in fields:
             if field is None:
                 continue
+            if user is None:      # this rank's DMDA block is its network block
+                out[inner] = np.asarray(field).reshape(self.real_shape)
+                continue
             with user as ua:
                 ua.reshape(self.local_shape)[...] = field
             self._to_blocks(user)
             out[inner] = self.work.getArray(readonly=True).reshape(self.real_shape)
-        user.destroy()
+        if user is not None:
+            user.destroy()
         self.halo = HaloExchange(self.dec, mpicomm)
         self._block = None
         if self.dec.active:
@@ -226,6 +244,6 @@ class NetworkEvaluator:
                 torch.from_numpy(ya).copy_(out[self.inner])
 
     def destroy(self):
-        if self.dec is not None:
+        if self.dec is not None and self.scatter is not None:
             self.scatter.destroy()
             self.work.destroy()

@@ -28,7 +28,7 @@ class Decomposition:
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
 
     def __init__(self, shape_xyz, multiple, size, rank, ranges=None, periodic=(False,) * 3,
-                 plan=None):
+                 plan=None, gather=None):
         """`multiple`: the block alignment, one for all axes (2^(levels−1)),
         or None with `plan`: the network's coarsening factors per level,
         (fz, fy, fx) each (mgnet.coarsening_plan; semi-coarsened levels
@@ -36,7 +36,12 @@ class Decomposition:
         DMDA ownership (cells per process along x, y, z); used as it is when
         already aligned, so that no scatter is needed (evaluator.py).
         `periodic` (x, y, z): the halo wraps along those axes (their lengths
-        are multiples of the alignment: no padding there)."""
+        are multiples of the alignment: no padding there). `gather`: the
+        network's rule (mgnet.gather_level) for the first level computed
+        whole on every rank; blocks then align only to that level's
+        divisors, not to the coarsest level's: the grid is still padded as
+        serially, but a DMDA split such as 40³ per rank stays the blocks
+        (instead of 48/32 for alignment 16), and more ranks hold one."""
         self.shape = tuple(int(s) for s in shape_xyz)
         self.periodic = tuple(bool(p) for p in periodic)
         if plan is None:
@@ -53,6 +58,14 @@ class Decomposition:
                 raise ValueError(f"periodic axis of {n} cells is not a multiple of {m}")
         units = [-(-s // m) for s, m in zip(self.shape, self.multiples)]
         self.padded = tuple(u * m for u, m in zip(units, self.multiples))
+        self.gather_from = None if gather is None else gather(
+            [int(np.prod([n // d for n, d in zip(reversed(self.padded), div)]))
+             for div in self.divisors])
+        if self.gather_from is not None:
+            # blocks: whole cells down to the gathered level, which is cut
+            # back to them (own_block); the coarser levels run whole
+            self.multiples = tuple(reversed(self.divisors[self.gather_from]))
+            units = [p // m for p, m in zip(self.padded, self.multiples)]
         self.rank = rank
         if ranges is not None and self._use_aligned(ranges, size):
             return

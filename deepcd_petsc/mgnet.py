@@ -61,6 +61,7 @@ def gather_level(level_cells):
 # by one precomputed dense matrix (the smoother is linear in b): one matvec
 # instead of 2·coarse_its − 1 stencils of a few cells, whose cost is Python.
 DENSE_CELLS = 1024
+BOTTOM_BATCH = 64      # unit vectors per smoother pass when building it
 
 # the 7-point stencil: centre, then (axis, step) for the six faces
 _FACES = ((-3, -1), (-3, 1), (-2, -1), (-2, 1), (-1, -1), (-1, 1))
@@ -568,9 +569,19 @@ class MGNet(nn.Module):
         shape = lv["fluid"].shape[-3:]
         n = math.prod(shape)
         f64 = {k: lv[k].double() for k in ("fluid", "diag", "dinv")}
-        eye = torch.eye(n, dtype=torch.float64, device=lv["fluid"].device).reshape(n, 1, *shape)
-        cols = self._smooth(self.bottom, lv["gates"][0].double(), f64, eye, None, None, lv["taps"][0])
-        return cols.reshape(n, n).t().contiguous()
+        gate = lv["gates"][0].double()
+        device = lv["fluid"].device
+        out = torch.empty(n, n, dtype=torch.float64, device=device)
+        # a batch of unit vectors at a time: all n at once took ~30 MB of
+        # transients at 512 cells, on every rank (the level is gathered)
+        for c0 in range(0, n, BOTTOM_BATCH):
+            m = min(BOTTOM_BATCH, n - c0)
+            eye = torch.zeros(m, n, dtype=torch.float64, device=device)
+            eye[torch.arange(m), c0 + torch.arange(m)] = 1.0
+            cols = self._smooth(self.bottom, gate, f64, eye.reshape(m, 1, *shape), None, None,
+                                lv["taps"][0])
+            out[:, c0:c0 + m] = cols.reshape(m, n).t()
+        return out
 
     # -- the V-cycle ---------------------------------------------------------
     @staticmethod

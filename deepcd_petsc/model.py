@@ -107,16 +107,23 @@ def dirichlet_fraction(flags, open_faces=()):
     fluid cell (0 elsewhere), i.e. (diag − Σ|offdiag|)/diag of A's row."""
     import numpy as np
     from .scenes import padded
-    p = padded(np.asarray(flags), set(open_faces))
-    nonsolid = np.zeros(flags.shape)
-    air = np.zeros(flags.shape)
+    return dirichlet_from_ghosted(padded(np.asarray(flags), set(open_faces)))
+
+
+def dirichlet_from_ghosted(p):
+    """dirichlet_fraction of a block from its flags with one ghost layer
+    (a rank's block: the neighbours' cells, air beyond open faces)."""
+    import numpy as np
+    shape = tuple(s - 2 for s in p.shape)
+    nonsolid = np.zeros(shape)
+    air = np.zeros(shape)
     for sl in ((slice(None, -2), slice(1, -1), slice(1, -1)), (slice(2, None), slice(1, -1), slice(1, -1)),
                (slice(1, -1), slice(None, -2), slice(1, -1)), (slice(1, -1), slice(2, None), slice(1, -1)),
                (slice(1, -1), slice(1, -1), slice(None, -2)), (slice(1, -1), slice(1, -1), slice(2, None))):
         nb = p[sl]
         nonsolid += nb != SOLID
         air += nb == AIR
-    return np.where(np.asarray(flags) == FLUID, air / np.maximum(nonsolid, 1), 0.0)
+    return np.where(p[1:-1, 1:-1, 1:-1] == FLUID, air / np.maximum(nonsolid, 1), 0.0)
 
 
 class Gate(nn.Module):

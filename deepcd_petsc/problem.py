@@ -1,11 +1,15 @@
 """Cell-centred pressure Poisson systems on a 3D DMDA: assembly, right-hand
-sides and null spaces, vectorised per rank."""
+sides and null spaces, vectorised per rank. Problem.from_scene builds each
+rank's block of the scene and its operator from the seed alone, and labels
+closed regions across ranks (label_regions): no rank holds a whole-grid
+array."""
 import numpy as np
 
 from .errors import UserError
 from .layout import Layout
 from .coefficients import FAMILIES, family
-from .scenes import AIR, FLUID, SOLID, load_npy, make_flags, padded, remove_isolated_fluid
+from .scenes import (AIR, FLUID, SOLID, finish_block, load_npy, padded, scene_block,
+                     window_indices)
 
 # (axis in (k, j, i) order, step) for the six face neighbours
 NEIGHBOURS = ((0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1))
@@ -109,19 +113,126 @@ def closed_regions(flags, open_faces):
     return labels, closed
 
 
+def label_regions(da, pflags):
+    """Connected fluid regions of the whole grid, labelled across ranks:
+    (keys, closed, counts). keys (zm, ym, xm) float: one value per region
+    on every rank it touches (NaN off fluid); closed: the sorted keys of
+    regions with no air neighbour and no open face (each adds a constant
+    vector to A's null space), counts their cell counts, the same on every
+    rank. `pflags`: the rank's flags with one ghost layer (air beyond open
+    faces, the neighbours' cells across rank boundaries, wrapped on
+    periodic axes as the DMDA wraps). Per rank: scipy.ndimage.label of the
+    block; then each local region's key (global id = the ranks' offset +
+    local label, minus a bias for regions with air, so that a region's
+    minimum is biased iff any of its parts is vented) is lowered to the
+    smallest key across its block faces, exchanged through the DMDA's
+    ghosts, until no key changes anywhere: as many exchanges as blocks a
+    region crosses in a line, with O(block surface) work each."""
+    from mpi4py import MPI
+    from scipy import ndimage
+    comm = da.getComm().tompi4py()
+    f = pflags[1:-1, 1:-1, 1:-1]
+    fluid = f == FLUID
+    lab, n = ndimage.label(fluid)
+    offset = comm.exscan(n) or 0
+    total = comm.allreduce(n)
+    air_nb = np.zeros(f.shape, bool)
+    for axis, step in NEIGHBOURS:
+        air_nb |= _shift(pflags, axis, step) == AIR
+    vented = np.zeros(n + 1, bool)
+    vented[lab[air_nb & fluid]] = True
+    bias = float(total + 1)
+    key = np.empty(n + 1)
+    key[0] = np.inf
+    key[1:] = offset + np.arange(1, n + 1) - bias * vented[1:]
+    # the block's face cells whose ghost neighbour is fluid: (their label,
+    # the neighbour's position in the local (ghosted) Vec)
+    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
+    (xs, ys, zs), (xm, ym, zm) = da.getCorners()
+    o = np.array([zs - gzs, ys - gys, xs - gxs])
+    own, ghost, face = [], [], []
+    for axis, step in NEIGHBOURS:
+        sl = [slice(None)] * 3
+        sl[axis] = -1 if step > 0 else 0
+        sl = tuple(sl)
+        nb = _shift(pflags, axis, step)[sl]
+        m = fluid[sl] & (nb == FLUID)
+        if not m.any():
+            continue
+        idx = np.nonzero(m)
+        cells = [np.asarray(v) for v in idx]
+        cells.insert(axis, np.full(len(idx[0]), f.shape[axis] - 1 if step > 0 else 0))
+        gpos = [c + oo for c, oo in zip(cells, o)]
+        gpos[axis] = gpos[axis] + step
+        own.append(lab[tuple(cells)])
+        ghost.append(np.ravel_multi_index(gpos, (gzm, gym, gxm)))
+        face.append(np.ravel_multi_index(cells, f.shape))
+    own = np.concatenate(own) if own else np.zeros(0, np.int64)
+    ghost = np.concatenate(ghost) if ghost else np.zeros(0, np.int64)
+    face = np.unique(np.concatenate(face)) if face else np.zeros(0, np.int64)
+    face_lab = lab.ravel()[face]
+    g, loc = da.createGlobalVec(), da.createLocalVec()
+    try:
+        while True:
+            with g as ga:
+                ga[face] = key[face_lab]
+            da.globalToLocal(g, loc)
+            new = key.copy()
+            np.minimum.at(new, own, loc.getArray(readonly=True)[ghost])
+            changed = bool((new < key).any())
+            key = new
+            if not comm.allreduce(changed, op=MPI.LOR):
+                break
+    finally:
+        g.destroy()
+        loc.destroy()
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    mine = {}
+    for c in np.nonzero(key[1:] >= 0)[0] + 1:
+        mine[key[c]] = mine.get(key[c], 0) + int(sizes[c])
+    merged = {}
+    for part in comm.allgather(mine):
+        for kk, cnt in part.items():
+            merged[kk] = merged.get(kk, 0) + cnt
+    closed = np.array(sorted(merged))
+    counts = np.array([merged[kk] for kk in closed], dtype=np.int64)
+    key[0] = np.nan
+    return key[lab], closed, counts
+
+
 class Problem:
-    """A scene's pressure system on a DMDA: `da`, `A`, `b` (PETSc objects)."""
+    """A scene's pressure system on a DMDA: `da`, `A`, `b` (PETSc objects).
+    Problem(flags, ...): from the whole grid's flags, the same on every rank
+    (small problems, tests); Problem.from_scene: each rank builds only its
+    block."""
 
     def __init__(self, flags, open_faces=(), comm=None, proc_sizes=None,
                  seed=0, rhs_file=None, coefficients=None):
+        self._flags = flags
+        nz, ny, nx = flags.shape
+        periodic = coefficients.periodic if coefficients is not None else (False,) * 3
+
+        def block(box):
+            pglobal = padded(flags, set(open_faces), periodic)
+            trans = None
+            if coefficients is not None:
+                (xs, xe), (ys, ye), (zs, ze) = box
+                trans = coefficients.face_transmissibilities(pglobal)[:, zs:ze, ys:ye, xs:xe]
+            return _local(pglobal, box), trans
+        self._build((nx, ny, nz), open_faces, comm, proc_sizes, seed, rhs_file,
+                    coefficients, periodic, block)
+
+    def _build(self, shape_xyz, open_faces, comm, proc_sizes, seed, rhs_file, coefficients,
+               periodic, block):
+        """The DMDA, then this rank's flags with one ghost layer and face
+        transmissibilities from `block(box)`, the matrix, null space, rhs."""
         from petsc4py import PETSc
-        self.flags = flags
         self.open_faces = set(open_faces)
         self.coefficients = coefficients
-        self.periodic = coefficients.periodic if coefficients is not None else (False,) * 3
-        nz, ny, nx = flags.shape
-        self.shape = (nx, ny, nz)
+        self.periodic = tuple(periodic)
+        nx, ny, nz = self.shape = tuple(shape_xyz)
         comm = comm or PETSc.COMM_WORLD
+        self.ranks = comm.getSize()
         bt = PETSc.DM.BoundaryType
         self.da = PETSc.DMDA().create(
             dim=3, sizes=(nx, ny, nz), dof=1,
@@ -131,32 +242,59 @@ class Problem:
             comm=comm, setup=False)
         self.da.setInterpolationType(PETSc.DMDA.InterpolationType.Q0)
         self.da.setUp()
-        self.layout = Layout.from_da(self.da)
-        self.box = tuple(tuple(r) for r in self.da.getRanges())
-        pglobal = padded(flags, self.open_faces, self.periodic)
-        self.pflags = _local(pglobal, self.box)
-        self.trans = None
-        if coefficients is not None:
-            (xs, xe), (ys, ye), (zs, ze) = self.box
-            self.trans = coefficients.face_transmissibilities(pglobal)[:, zs:ze, ys:ye, xs:xe]
-        self.A = self._assemble()
-        self.nullspace = self._nullspace()
-        if self.nullspace is not None:
-            self.A.setNullSpace(self.nullspace)
-        self.b = self._rhs(seed, rhs_file)
+        self.A = self.nullspace = self.b = None
+        try:
+            self.layout = Layout.from_da(self.da)
+            self.box = tuple(tuple(r) for r in self.da.getRanges())
+            self.pflags, self.trans = _collective(comm, block, self.box)
+            if not comm.tompi4py().allreduce(bool((self.local_flags == FLUID).any()),
+                                             op=__import__("mpi4py").MPI.LOR):
+                raise UserError("the domain has no fluid cell: nothing to solve")
+            self.A = self._assemble()
+            self.nullspace = self._nullspace()
+            if self.nullspace is not None:
+                self.A.setNullSpace(self.nullspace)
+            self.b = self._rhs(seed, rhs_file)
+        except BaseException:
+            self.destroy()
+            raise
 
     @classmethod
     def from_scene(cls, scene, shape_xyz, seed=0, flags_file=None,
-                   open_faces=None, **kw):
+                   open_faces=None, comm=None, proc_sizes=None, rhs_file=None, contrast=None):
+        """A scene's problem, each rank generating only its block (and the
+        ghost layers its rows need) from the seed: the same matrix, rhs
+        and null space as the whole-grid scene on any number of ranks."""
         nx, ny, nz = shape_xyz
+        shape = (nz, ny, nx)
         if scene in FAMILIES:
-            flags, faces, coef = family(scene, (nz, ny, nx), seed, kw.pop("contrast", None))
-            if open_faces is not None:
-                faces = set(open_faces)
-            return cls(remove_isolated_fluid(flags, faces), faces, seed=seed, coefficients=coef, **kw)
-        kw.pop("contrast", None)
-        flags, faces = make_flags(scene, (nz, ny, nx), seed, flags_file, open_faces)
-        return cls(flags, faces, seed=seed, **kw)
+            coef = family(scene, shape, seed, contrast, axes=[[0]] * 3)[2]
+            coef.k = None       # the block's k lives in its transmissibilities
+            faces, periodic = {"z+"} if open_faces is None else set(open_faces), coef.periodic
+
+            def block(box):
+                from mpi4py import MPI
+                mpi = (comm or _world()).tompi4py()
+                win = window_indices(shape, box, 2, periodic)
+                axes = [w[0] for w in win]
+                raw, _, c = family(scene, shape, seed, contrast, axes=axes,
+                                   allmax=lambda v: mpi.allreduce(v, op=MPI.MAX))
+                pflags = finish_block(raw, [w[1] for w in win], faces, periodic)
+                c.k = c.k[1:-1, 1:-1, 1:-1]
+                return pflags, c.block_transmissibilities(pflags, [a[1:-1] for a in axes])
+        else:
+            # the scene's open faces (and its errors: unknown scene, bad
+            # file header), from a one-cell block
+            faces = _collective(comm or _world(), scene_block, scene, shape, seed, ((0, 1),) * 3,
+                                flags_file, open_faces)[1]
+            coef, periodic = None, (False,) * 3
+
+            def block(box):
+                return scene_block(scene, shape, seed, box, flags_file, faces)[0], None
+        self = cls.__new__(cls)
+        self._flags = None
+        self._build((nx, ny, nz), faces, comm, proc_sizes, seed, rhs_file, coef, periodic, block)
+        return self
 
     @property
     def local_flags(self):
@@ -176,22 +314,48 @@ class Problem:
         A.assemble()
         return A
 
+    @property
+    def flags(self):
+        """The whole grid's flags (nz, ny, nx): those given, or gathered
+        from every rank's block: collective, O(global) on every rank, for
+        small problems and tests; set-up and solve use local_flags."""
+        if self._flags is None:
+            if self.ranks == 1:        # (also after destroy())
+                return self.local_flags
+            nx, ny, nz = self.shape
+            whole = np.empty((nz, ny, nx), np.int8)
+            for box, blk in self.da.getComm().tompi4py().allgather((self.box, self.local_flags)):
+                (xs, xe), (ys, ye), (zs, ze) = box
+                whole[zs:ze, ys:ye, xs:xe] = blk
+            return whole
+        return self._flags
+
+    def local_stencil(self):
+        """This rank's block of A as a stencil.Stencil (diagonal and six
+        couplings per cell), from the flags and face transmissibilities."""
+        from .stencil import FACES, Stencil
+        fluid = self.local_flags == FLUID
+        diag = np.zeros(fluid.shape)
+        coef = np.zeros((6,) + fluid.shape)
+        for f, (axis, step) in enumerate(FACES):
+            nb = _shift(self.pflags, axis, step)
+            t = 1.0 if self.trans is None else self.trans[f]
+            diag += np.where(fluid & (nb != SOLID), t, 0.0)
+            coef[f] = np.where(fluid & (nb == FLUID), t, 0.0)
+        return Stencil(np.where(fluid, diag, 1.0), coef, self.periodic)
+
     def _nullspace(self):
         from petsc4py import PETSc
-        labels, closed = closed_regions(self.flags, self.open_faces)
+        keys, closed, counts = label_regions(self.da, self.pflags)
+        self.closed_regions = len(closed)
         if len(closed) == 0:
             self.A.setOption(PETSc.Mat.Option.SPD, True)
-            self.closed_regions = 0
             return None
-        self.closed_regions = len(closed)
-        (xs, xe), (ys, ye), (zs, ze) = self.box
-        loc = labels[zs:ze, ys:ye, xs:xe]
-        counts = np.bincount(labels.ravel(), minlength=labels.max() + 1)
         vecs = []
-        for lab in closed:
+        for key, count in zip(closed, counts):
             v = self.da.createGlobalVec()
             with v as arr:          # restores the array and increases the state
-                arr.reshape(loc.shape)[...] = (loc == lab) / np.sqrt(counts[lab])
+                arr.reshape(keys.shape)[...] = (keys == key) / np.sqrt(count)
             vecs.append(v)
         return PETSc.NullSpace().create(vectors=vecs, comm=self.da.getComm())
 
@@ -255,6 +419,26 @@ class Problem:
         for o in (self.b, self.A, self.nullspace, self.da):
             if o is not None:
                 o.destroy()
+
+
+def _world():
+    from petsc4py import PETSc
+    return PETSc.COMM_WORLD
+
+
+def _collective(comm, fn, *args):
+    """fn(*args) on every rank; an error on one rank is raised on all (with
+    its message), so that none waits in a collective the others left."""
+    from mpi4py import MPI
+    err, out = None, None
+    try:
+        out = fn(*args)
+    except UserError as e:
+        err = str(e)
+    errs = comm.tompi4py().allgather(err)
+    if any(errs):
+        raise UserError(next(e for e in errs if e))
+    return out
 
 
 def velocity_modes(seed, count=6, kmax=3):

@@ -23,7 +23,7 @@ from scipy.ndimage import map_coordinates
 
 from .errors import UserError
 from .layout import Layout
-from .problem import _local, closed_regions
+from .problem import _local, label_regions
 from .scenes import FLUID, SOLID, padded
 
 UNIT = np.eye(3, dtype=int)
@@ -296,25 +296,25 @@ class Grid:
         A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         A.setOption(PETSc.Mat.Option.SYMMETRY_ETERNAL, True)
         A.assemble()
-        ns = self._nullspace(flags, open_faces)
+        ns = self._nullspace(pflags)
         if ns is None:
             A.setOption(PETSc.Mat.Option.SPD, True)
         else:
             A.setNullSpace(ns)
         return A, ns
 
-    def _nullspace(self, flags, open_faces):
+    def _nullspace(self, pflags):
+        """One constant per closed fluid region, labelled across ranks
+        (problem.label_regions) from this rank's ghosted flags."""
         from petsc4py import PETSc
-        labels, closed = closed_regions(flags, open_faces)
+        keys, closed, counts = label_regions(self.dap, pflags)
         if len(closed) == 0:
             return None
-        loc = labels[tuple(slice(*r) for r in self.cbox)]
-        counts = np.bincount(labels.ravel())
         vecs = []
-        for lab in closed:
+        for key, count in zip(closed, counts):
             v = self.dap.createGlobalVec()
             with v as arr:
-                arr[...] = ((loc == lab) / np.sqrt(counts[lab])).ravel()
+                arr[...] = ((keys == key) / np.sqrt(count)).ravel()
             vecs.append(v)
         ns = PETSc.NullSpace().create(vectors=vecs, comm=self.comm)
         for v in vecs:

@@ -149,7 +149,7 @@ def give_flags(ksp, problem):
     if PETSc.KSP.Type.PYTHON in (ksp.getType(), ksp.getPC().getType()) \
             and getattr(problem, "coefficients", None) is None:
         from .context import set_flags
-        set_flags(ksp, problem.flags, problem.open_faces)
+        set_flags(ksp, problem.local_flags, problem.open_faces)   # this rank's block
 
 
 def _timed(comm, fn):

@@ -37,7 +37,7 @@ def main():
         ksp.setDM(p.da)
         set_dm_inactive(ksp)
         ksp.setFromOptions()
-        set_flags(ksp, p.flags, p.open_faces)
+        set_flags(ksp, p.local_flags, p.open_faces)     # this rank's block
         rows = []
         for k in range(a.solves):
             x.set(0.0)

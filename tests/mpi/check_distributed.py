@@ -17,7 +17,7 @@ import traceback
 from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from deepcd_petsc.context import geometry_from_operator  # noqa: E402
-from deepcd_petsc.evaluator import NetworkEvaluator  # noqa: E402
+from deepcd_petsc.evaluator import NetworkEvaluator, _gather_rule  # noqa: E402
 from deepcd_petsc.halo import Decomposition  # noqa: E402
 from deepcd_petsc.model import DTYPES, dirichlet_fraction, load_model  # noqa: E402
 from deepcd_petsc.problem import Problem  # noqa: E402
@@ -102,7 +102,8 @@ def check_eval(nets, serial, scene, shape, seed, procs, dtypes):
                 active = 1
             else:
                 ref_dec = Decomposition(shape, nets[dtype].multiple_for(shape), size, rank,
-                                        ranges=p.da.getOwnershipRanges())
+                                        ranges=p.da.getOwnershipRanges(),
+                                        gather=_gather_rule(nets[dtype]))
                 assert dec.procs == ref_dec.procs and dec.active_ranks == ref_dec.active_ranks
                 active = mpi.allreduce(int(dec.active))
                 assert active == dec.active_ranks, (active, dec.active_ranks)

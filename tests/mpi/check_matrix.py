@@ -1,5 +1,5 @@
 """Run under mpiexec: the parallel matrix and right-hand side of every scene
-equal the serial ones once mapped to natural ordering.
+and operator family equal the serial ones once mapped to natural ordering.
 
     mpiexec -n 3 python tests/mpi/check_matrix.py
 
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from deepcd_petsc.problem import Problem  # noqa: E402
+from deepcd_petsc.scenes import FAMILY_SCENES  # noqa: E402
 
 comm = PETSc.COMM_WORLD
 mpi = comm.tompi4py()
@@ -89,6 +90,9 @@ def main():
     tmp = mpi.bcast(tmp, root=0)
     failures = []
     cases = [(sc, sh, None) for sh in SHAPES for sc in SCENES]
+    # operator families, each rank building its block (perm: normalised
+    # by the maximum over all ranks)
+    cases += [(fam, (12, 10, 12), None) for fam in FAMILY_SCENES]
     cases.append(("spheres", (12, 12, 12), (size, 1, 1)))
     cases.append(("liquid", (9, 7, 11), (1, 1, size)))
     try:
