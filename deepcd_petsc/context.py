@@ -20,6 +20,8 @@ class NetworkContext:
     kind = "ksp"   # options are -<prefix><kind>_dcdm_*
 
     def __init__(self):
+        from .petsc_compat import finalize_before_teardown
+        finalize_before_teardown()
         self.model_path = None
         self.device = "cpu"
         self.dtype = "float32"

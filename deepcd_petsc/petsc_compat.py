@@ -15,7 +15,38 @@ PyPI (tools/petsc_latest.sh); what changed in between:
   PETSc.Error (code 101) with the original as __cause__ (3.23):
   errors.original_error().
 - DMDA.createMatrix/getMatrix are gone (3.26): DM.createMat (in 3.18 too).
+- petsc4py 3.18 finalizes PETSc after the Python interpreter is gone: a
+  KSP/PC of type python still alive at exit (a script that does not
+  destroy its solver) is destroyed then and calls into the dead
+  interpreter (SEGV in PyThreadState_New). 3.26 does not:
+  finalize_before_teardown().
 """
+import atexit
+
+_finalize_registered = False
+
+
+def finalize_before_teardown():
+    """On petsc4py < 3.19, finalize PETSc in a Python atexit handler (once,
+    when the first DCDM/NetworkPC context is made), so that solvers a
+    script leaves alive are not destroyed after the interpreter. Objects
+    still referenced then are left to the process exit (PETSc skips their
+    destruction once finalized)."""
+    global _finalize_registered
+    if _finalize_registered:
+        return
+    _finalize_registered = True
+    import petsc4py
+    if tuple(int(v) for v in petsc4py.__version__.split(".")[:2]) >= (3, 19):
+        return
+
+    def finalize():
+        import gc
+        from petsc4py import PETSc
+        gc.collect()              # what nothing references goes the normal way first
+        if PETSc.Sys.isInitialized() and not PETSc.Sys.isFinalized():
+            PETSc._finalize()
+    atexit.register(finalize)
 
 
 def set_dm_inactive(ksp):

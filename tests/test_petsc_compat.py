@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from petsc4py import PETSc
 
-from helpers import REPO, _env
+from helpers import HAVE_MPIEXEC, REPO, _env
 
 from deepcd_petsc.errors import SetupError, UserError, error_message, original_error, petsc_errors
 from deepcd_petsc.petsc_compat import null_space, pc_type_available, set_dm_inactive
@@ -193,3 +193,48 @@ def test_error_inside_context_then_clean_exit(tmp_path, case):
     lines = [l for l in r.stderr.splitlines() if l.startswith("deepcd_petsc error: ")]
     want = "switch must be >= 0" if case == "setfromoptions" else "RuntimeError: boom inside"
     assert len(lines) == 1 and want in lines[0], out
+
+
+LEFT_ALIVE = textwrap.dedent('''
+    import sys
+    import petsc4py
+    petsc4py.init([])
+    from petsc4py import PETSc
+    import deepcd_petsc
+    from deepcd_petsc.problem import Problem
+    p = Problem.from_scene("spheres", (12, 12, 12), seed=1)
+    ksp = PETSc.KSP().create(p.A.getComm())
+    ksp.setOperators(p.A)
+    ksp.setDM(p.da)
+    ksp.setDMActive(False)
+    ksp.setType("python")
+    ksp.setPythonContext(deepcd_petsc.DCDM() if sys.argv[1] == "ksp" else None)
+    if sys.argv[1] == "pc":
+        ksp.setType("fcg")
+        ksp.getPC().setType("python")
+        ksp.getPC().setPythonContext(deepcd_petsc.NetworkPC())
+    x = p.b.duplicate()
+    ksp.solve(p.b, x)
+    print("its", ksp.getIterationNumber(), flush=True)
+    # nothing destroyed: the script ends with the solver alive
+''')
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("kind", ["ksp", "pc"])
+def test_solver_left_alive_at_exit(tmp_path, kind, ranks):
+    """A script that never destroys its DCDM KSP or NetworkPC ends
+    normally (petsc4py 3.18 destroyed them after the interpreter: SEGV in
+    PyThreadState_New; petsc_compat.finalize_before_teardown)."""
+    if ranks > 1 and not HAVE_MPIEXEC:
+        pytest.skip("mpiexec not found")
+    script = tmp_path / "alive.py"
+    script.write_text(LEFT_ALIVE)
+    cmd = ([sys.executable] if ranks == 1 else
+           ["mpiexec", "-n", str(ranks), "--oversubscribe", sys.executable])
+    r = subprocess.run(cmd + [str(script), kind], capture_output=True, text=True,
+                       timeout=300, env=_env(), cwd=REPO)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert r.stdout.count("its ") == ranks, out
+    assert "SEGV" not in out and "Segmentation" not in out and "signal" not in out, out
