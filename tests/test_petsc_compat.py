@@ -215,7 +215,7 @@ LEFT_ALIVE = textwrap.dedent('''
         ksp.getPC().setPythonContext(deepcd_petsc.NetworkPC())
     x = p.b.duplicate()
     ksp.solve(p.b, x)
-    print("its", ksp.getIterationNumber(), flush=True)
+    PETSc.Sys.Print("its", ksp.getIterationNumber())   # rank 0 (mpiexec fails if any rank does)
     # nothing destroyed: the script ends with the solver alive
 ''')
 
@@ -236,5 +236,5 @@ def test_solver_left_alive_at_exit(tmp_path, kind, ranks):
                        timeout=300, env=_env(), cwd=REPO)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert r.stdout.count("its ") == ranks, out
+    assert r.stdout.count("its ") == 1, out
     assert "SEGV" not in out and "Segmentation" not in out and "signal" not in out, out
