@@ -71,10 +71,10 @@ class NetworkContext:
         if grid is not None:
             try:
                 g = tuple(int(v) for v in grid.split(","))
-                assert len(g) == 3 and min(g) >= 1
+                assert len(g) in (2, 3) and min(g) >= 1
             except (ValueError, AssertionError):
-                raise SetupError(f"-{pre}grid {grid!r}: expected nx,ny,nz") from None
-            self.grid = g
+                raise SetupError(f"-{pre}grid {grid!r}: expected nx,ny,nz (or nx,ny for 2D)") from None
+            self.grid = g + (1,) * (3 - len(g))
         if (dev, dt) != (self.device, self.dtype):
             self.reset_network()
         self.device, self.dtype, self.threads = dev, dt, th or None
@@ -216,21 +216,38 @@ class NetworkContext:
         return f"cuda:{local % torch.cuda.device_count()}"
 
     def _grid(self, obj, A):
-        """(3D DMDA with dof 1 matching A's rows, whether we created it)."""
+        """(3D DMDA with dof 1 matching A's rows, whether we created it). A
+        2D DMDA becomes the 3D DMDA of sizes (nx, ny, 1) with the same
+        processor grid and ownership ranges (flat_dmda): its global
+        numbering is the 2D one, so A's rows, the halo exchange and the
+        network need no 2D variant."""
         dm = obj.getDM()
         if dm is not None and dm.getType() == PETSc.DM.Type.DA:
-            if dm.getDimension() != 3 or dm.getDof() != 1:
-                raise SetupError(f"DCDM needs a 3D DMDA with dof 1; the attached DMDA is "
-                                   f"{dm.getDimension()}D with dof {dm.getDof()}")
-            self._check_rows(dm, A, "the attached DMDA")
-            self.grid_source = "DMDA attached to the solver"
-            return dm, False
+            dim = dm.getDimension()
+            if dim not in (2, 3) or dm.getDof() != 1:
+                raise SetupError(f"DCDM needs a 2D or 3D DMDA with dof 1; the attached DMDA is "
+                                 f"{dim}D with dof {dm.getDof()}")
+            own = dim == 2
+            da = flat_dmda(dm) if own else dm
+            try:
+                self._check_rows(da, A, "the attached DMDA")
+            except SetupError:
+                if own:
+                    da.destroy()
+                raise
+            self.grid_source = f"{dim}D DMDA attached to the solver"
+            return da, own
         if self.grid is None:
-            raise SetupError("DCDM needs the 3D grid: attach a DMDA (KSPSetDM/PCSetDM, with "
-                               f"KSPSetDMActive false) or give -{self.option_prefix(obj)}grid nx,ny,nz")
+            raise SetupError("DCDM needs the grid: attach a 2D or 3D DMDA (KSPSetDM/PCSetDM, with "
+                             f"KSPSetDMActive false) or give -{self.option_prefix(obj)}grid "
+                             "nx,ny,nz (or nx,ny for 2D)")
         da = PETSc.DMDA().create(dim=3, sizes=self.grid, dof=1, stencil_width=1,
                                  stencil_type=PETSc.DMDA.StencilType.BOX, comm=A.getComm())
-        self._check_rows(da, A, f"-{self.option_prefix(obj)}grid {','.join(map(str, self.grid))}")
+        try:
+            self._check_rows(da, A, f"-{self.option_prefix(obj)}grid {','.join(map(str, self.grid))}")
+        except SetupError:
+            da.destroy()
+            raise
         self.grid_source = "-grid option"
         return da, True
 
@@ -258,7 +275,10 @@ class NetworkContext:
                 from .model import dirichlet_fraction
                 d = dirichlet_fraction(flags, faces)[zs:ze, ys:ye, xs:xe]
                 self.geometry_source = "set_flags (global array)"
-                return np.ascontiguousarray(flags[zs:ze, ys:ye, xs:xe]), d
+                mine = np.ascontiguousarray(flags[zs:ze, ys:ye, xs:xe])
+                if nz == 1:
+                    self._flat_stencil(flags, faces, ((zs, ze), (ys, ye), (xs, xe)))
+                return mine, d
             raise SetupError(f"set_flags: flags of shape {flags.shape} do not match the grid "
                                f"(nz, ny, nx) = {(nz, ny, nx)}")
         self.geometry_source = "derived from the operator"
@@ -281,6 +301,22 @@ class NetworkContext:
         self.derived = (flags, dirichlet, rows, np.array(digest))
         return flags, dirichlet
 
+    def _flat_stencil(self, flags, faces, box):
+        """A 2D grid's network applies the stencil of its flags (the unit
+        5-point operator, open faces in the diagonal): the compact flags
+        path coarsens 2×2×2 with a learned weight, which a grid one cell
+        thick cannot do."""
+        from . import stencil
+        from .mgnet import MGNet
+        from .scenes import padded
+        if not isinstance(self.net, MGNet):
+            raise SetupError("this model (a U-Net) is 3D only; 2D grids need a V-cycle model")
+        (zs, ze), (ys, ye), (xs, xe) = box
+        p = padded(flags, set(faces))[zs:ze + 2, ys:ye + 2, xs:xe + 2]
+        st = stencil.from_flags(flags[zs:ze, ys:ye, xs:xe], p)
+        self.stencil, self.periodic = st.packed(), st.periodic
+        self.operator_path = "unit 5-point operator of the cell flags (2D), Galerkin coarse levels"
+
     def _operator_stencil(self, da, A, local, flags, dirichlet, aij_rows=None):
         """Read A's 7-point stencil (AIJ rows, or probing a matrix-free A)
         and keep it for the network (self.stencil) unless A is a multiple
@@ -293,7 +329,10 @@ class NetworkContext:
         from .mgnet import MGNet
         comm = A.getComm().tompi4py()
         self.stencil = self.periodic = None
+        flat = da.getSizes()[2] == 1
         if not isinstance(self.net, MGNet):
+            if flat:
+                raise SetupError("this model (a U-Net) is 3D only; 2D grids need a V-cycle model")
             self.operator_path = "unit 7-point operator of the cell flags (this model reads flags only)"
             return flags
         aij = A.getType().endswith("aij")
@@ -310,7 +349,8 @@ class NetworkContext:
         errs = [e for e in comm.allgather(err) if e]
         if errs:
             raise SetupError(errs[0])
-        if aij:
+        points = "5-point" if flat else "7-point"
+        if aij and not flat:     # (2D: always the coefficients, see _flat_stencil)
             s = st.unit_scale(flags, dirichlet, _ghosted(da, flags))
             scales = comm.allgather(s)
             known = [v for v in scales if v is not None and v == v]
@@ -318,11 +358,12 @@ class NetworkContext:
                     not known or max(known) - min(known) <= 1e-8 * max(abs(v) for v in known)):
                 self.operator_path = "unit 7-point operator of the cell flags (scaled)"
                 return flags
-            self.operator_path = "the operator's 7-point coefficients (AIJ), Galerkin coarse levels"
+        if aij:
+            self.operator_path = f"the operator's {points} coefficients (AIJ), Galerkin coarse levels"
         else:
             flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
-            self.operator_path = ("the operator's 7-point coefficients (probed, 8 MatMults), "
-                                  "Galerkin coarse levels")
+            self.operator_path = (f"the operator's {points} coefficients (probed, "
+                                  f"{stencil.colours(flat) + 1} MatMults), Galerkin coarse levels")
         self.stencil = st.packed()
         self.periodic = st.periodic
         return flags
@@ -375,6 +416,21 @@ class NetworkContext:
                 p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
                   + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"
                      if ev.halo is not None else "") + "\n")
+
+
+def flat_dmda(dm):
+    """The 3D DMDA (nx, ny, 1) of a 2D DMDA: processor grid (px, py, 1),
+    the same ownership ranges and x/y boundary types, so that cell (i, j)
+    has the same global index in both (PETSc numbers a rank's block x
+    fastest, then y, then z)."""
+    nx, ny = dm.getSizes()
+    px, py = dm.getProcSizes()
+    lx, ly = dm.getOwnershipRanges()
+    bx, by = dm.getBoundaryType()
+    return PETSc.DMDA().create(dim=3, sizes=(nx, ny, 1), proc_sizes=(px, py, 1), dof=1,
+                               boundary_type=(bx, by, PETSc.DM.BoundaryType.NONE),
+                               stencil_width=1, stencil_type=PETSc.DMDA.StencilType.BOX,
+                               ownership_ranges=(tuple(lx), tuple(ly), (1,)), comm=dm.getComm())
 
 
 def _scaled_digest(st, chunk=1 << 18):
@@ -514,8 +570,10 @@ def set_flags(obj, flags, open_faces=()):
     same on every rank) and its open domain faces ("x-", ..., "z+").
     `obj` is the KSP (its PC is set too when it is a NetworkPC) or a PC."""
     flags = np.asarray(flags)
-    if flags.ndim != 3 or not np.issubdtype(flags.dtype, np.integer):
-        raise SetupError("set_flags: flags must be a 3D integer array (nz, ny, nx)")
+    if flags.ndim not in (2, 3) or not np.issubdtype(flags.dtype, np.integer):
+        raise SetupError("set_flags: flags must be an integer array (nz, ny, nx), or (ny, nx) in 2D")
+    if flags.ndim == 2:
+        flags = flags[None]
     if ((flags < 0) | (flags > 2)).any():
         raise SetupError("set_flags: flag values must be 0 (fluid), 1 (solid) or 2 (air)")
     targets = []

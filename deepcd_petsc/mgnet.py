@@ -194,7 +194,8 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     """
     per = tuple(periodic or (False,) * 3)
     if strengths is None:
-        return [(2, 2, 2)] * (levels_for(shape, max_levels, coarsest, per) - 1)
+        full = tuple(1 if int(n) == 1 else 2 for n in shape)
+        return [full] * (levels_for(shape, max_levels, coarsest, per) - 1)
     tot = float(sum(strengths[:3]))
     # rounded: sums over ranks differ from the serial sum in the last bits
     s = [round(float(v) / tot, 9) for v in strengths[:3]] if tot > 0 else [1.0, 1.0, 1.0]
@@ -207,7 +208,10 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
             break
         smax = max(v for v, ok in zip(s, can) if ok)
         f = tuple(2 if ok and v >= SEMI_THRESHOLD * smax * (1 - 1e-6) else 1 for v, ok in zip(s, can))
-        if f != (2, 2, 2) and math.prod(-(-int(n) // c) for n, c in zip(shape, cum)) <= DENSE_CELLS:
+        # an axis one cell long (a 2D grid's z) is never coarsened: halving
+        # all the others is full coarsening there
+        full = all(k == 2 or int(n) == 1 for k, n in zip(f, shape))
+        if not full and math.prod(-(-int(n) // c) for n, c in zip(shape, cum)) <= DENSE_CELLS:
             break     # solved exactly as it is: a semi-coarsened level more only loses accuracy
         s = [v * math.prod(f) / f[a] for a, v in enumerate(s)]
         cum = [c * k for c, k in zip(cum, f)]
@@ -229,7 +233,7 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
     """Levels for a grid: halve until the smallest dimension would drop
     below `coarsest` cells. A periodic axis cannot be padded (the wrap would
     see the padding), so 2^(L−1) must divide its length."""
-    m = min(int(s) for s in shape)
+    m = min((int(s) for s in shape if int(s) > 1), default=1)    # 2D: z is one cell
     if m < 2 * coarsest:
         return 1
     L = max(1, min(max_levels, int(math.floor(math.log2(m / coarsest))) + 1))
@@ -422,6 +426,8 @@ class MGNet(nn.Module):
         elif flags.dim() == 4:
             flags = flags[:, None]
         shape = tuple(flags.shape[-3:])
+        # a 2D grid (z one cell long, on every rank): 4 faces per cell
+        nfaces = 4 if (halo.dec.shape[2] if halo is not None else shape[0]) == 1 else 6
         if halo is not None:
             plan = halo.dec.plan
             pad = [0, 0, 0]
@@ -494,8 +500,9 @@ class MGNet(nn.Module):
                 cm = sc.amax(1, keepdim=True)
                 cmax = cm.float()
                 # scale-free: diag over 6 × the strongest coupling (diag/6
-                # on the unit operator, which the gates were trained on)
-                feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
+                # on the unit operator, which the gates were trained on; 4
+                # in 2D, so that an interior cell looks as in 3D)
+                feat = torch.where(cmax > 0, diag / (nfaces * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
                 lv["coef"] = sc.to(dtype)
                 # c / √(c_max · c_mean) over the coupled faces, at most 1: 1

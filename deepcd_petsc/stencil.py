@@ -23,6 +23,13 @@ FACE_NAMES = ("z-", "z+", "y-", "y+", "x-", "x+")
 NCOLOURS = 7
 
 
+def colours(flat):
+    """Probing colours: (i + 2j + 3k) mod 7 on a 3D grid; (i + 2j) mod 5
+    on a 2D one (nz = 1), where the 5 cells of a 5-point stencil get
+    c, c ± 1, c ± 2: two MatMults fewer."""
+    return 5 if flat else NCOLOURS
+
+
 class Stencil:
     """diag (D, H, W) and coef (6, D, H, W), float64, of one rank's block."""
 
@@ -204,10 +211,11 @@ def periodic_axes(da):
     return per[::-1]
 
 
-def _not_7_point(row, col, val):
-    return SetupError(f"the operator is not a 7-point stencil on the DMDA: row {row} "
+def _not_7_point(row, col, val, flat=False):
+    p = "5-point stencil on the 2D DMDA" if flat else "7-point stencil on the DMDA"
+    return SetupError(f"the operator is not a {p}: row {row} "
                       f"couples to column {col} (value {val:.3g}); DCDM's network "
-                      "reads 7-point operators only")
+                      "reads 5-point (2D) and 7-point (3D) operators only")
 
 
 class AIJRows:
@@ -262,7 +270,8 @@ class AIJRows:
                            + rr[matched], vv[matched])
             if not matched.all():
                 bad = np.flatnonzero(~matched)[0]
-                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad])
+                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad],
+                                    self.da.getSizes()[2] == 1)
         st = self.st.reshape((7,) + self.local)
         return Stencil(st[0], st[1:], periodic_axes(self.da))
 
@@ -335,46 +344,51 @@ def _from_aij_numpy(da, A, local):
     coef = -sums[:, :6].T
     if not matched.all():
         bad = np.flatnonzero(~matched)[0]
-        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad])
+        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad], da.getSizes()[2] == 1)
     return Stencil(diag.reshape(local), coef.reshape((6,) + tuple(local)), periodic_axes(da))
 
 
 def probe(da, A, local, check=True):
     """The stencil of a matrix-free operator (any Mat with mult) from 7
-    MatMults with colour vectors, plus one random check. Exact for any
-    7-point operator, since neighbours never share a colour (a periodic
-    axis whose length is not a multiple of 7 can break that at the wrap:
-    those axes get an extra check)."""
+    MatMults with colour vectors (5 on a 2D grid), plus one random check.
+    Exact for any 7-point operator, since neighbours never share a colour
+    (a periodic axis whose length is not a multiple of the colour count
+    can break that at the wrap: those axes are refused)."""
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
     k, j, i = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe),
                           indexing="ij")
-    colour = (i + 2 * j + 3 * k) % NCOLOURS
     nx, ny, nz = da.getSizes()
+    nc = colours(nz == 1)
+    mults = (3, 2, 1) if nc == NCOLOURS else (0, 2, 1)
+    colour = (i + mults[1] * j + mults[0] * k) % nc
     per = periodic_axes(da)
-    for axis, (n, mult) in enumerate(((nz, 3), (ny, 2), (nx, 1))):
-        if per[axis] and (n * mult) % NCOLOURS != 0:
+    for axis, (n, mult) in enumerate(((nz, mults[0]), (ny, mults[1]), (nx, mults[2]))):
+        if per[axis] and (n * mult) % nc != 0:
+            rule = "(i+2j+3k) mod 7" if nc == NCOLOURS else "(i+2j) mod 5"
             raise SetupError(f"probing a matrix-free operator on a periodic DMDA needs the periodic "
-                             f"axis {'zyx'[axis]} length ({n}) to keep the colouring (i+2j+3k) mod 7 "
-                             "consistent across the wrap (a multiple of 7); assemble the operator "
+                             f"axis {'zyx'[axis]} length ({n}) to keep the colouring {rule} "
+                             f"consistent across the wrap (a multiple of {nc}); assemble the operator "
                              "(AIJ) or use deepcd_petsc.set_stencil instead")
     x = da.createGlobalVec()
     y = da.createGlobalVec()
     diag = np.zeros(local)
     coef = np.zeros((6,) + tuple(local))
     try:
-        for c in range(NCOLOURS):
+        for c in range(nc):
             x.getArray()[...] = (colour == c).ravel().astype(float)
             x.stateIncrease()
             A.mult(x, y)
             ya = y.getArray(readonly=True).reshape(local)
-            # the 7 cells of a stencil differ in colour, so y(p) is diag(p)
+            # the cells of a stencil differ in colour, so y(p) is diag(p)
             # where p has colour c, −coef_f(p) where nb_f(p) has it, else 0
             own = colour == c
             diag[own] = ya[own]
             # y at cell p of colour c' responds to neighbour q (colour c):
             # coef_f(p) = −y(p) where nb_f(p) has colour c
             for f, (axis, step) in enumerate(FACES):
-                nbc = (colour + (step * (3, 2, 1)[axis])) % NCOLOURS
+                if nc != NCOLOURS and axis == 0:
+                    continue          # 2D: no z neighbours (zeroed below)
+                nbc = (colour + (step * mults[axis])) % nc
                 sel = nbc == c
                 coef[f][sel] = -ya[sel]
         st = Stencil(diag, coef, per)
@@ -428,9 +442,10 @@ def _check_probe(da, A, st, x, y, local):
     err = comm.allreduce(float(np.abs(mine - ref).max(initial=0.0)), op=MPI.MAX)
     scale = comm.allreduce(float(np.abs(ref).max(initial=0.0)), op=MPI.MAX)
     if err > 1e-8 * max(scale, 1e-300):
-        raise SetupError(f"the matrix-free operator is not a 7-point stencil on the DMDA "
+        p = "5-point stencil on the 2D DMDA" if da.getSizes()[2] == 1 else "7-point stencil on the DMDA"
+        raise SetupError(f"the matrix-free operator is not a {p} "
                          f"(probing misses {err / max(scale, 1e-300):.2e} of A x for a random x); "
-                         "DCDM's network reads 7-point operators only")
+                         "DCDM's network reads 5-point (2D) and 7-point (3D) operators only")
 
 
 def from_flags(flags_local, pflags_local):
