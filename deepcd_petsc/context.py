@@ -420,15 +420,19 @@ class NetworkContext:
 
 def flat_dmda(dm):
     """The 3D DMDA (nx, ny, 1) of a 2D DMDA: processor grid (px, py, 1),
-    the same ownership ranges and x/y boundary types, so that cell (i, j)
+    the same ownership ranges and periodic axes, so that cell (i, j)
     has the same global index in both (PETSc numbers a rank's block x
     fastest, then y, then z)."""
     nx, ny = dm.getSizes()
     px, py = dm.getProcSizes()
     lx, ly = dm.getOwnershipRanges()
-    bx, by = dm.getBoundaryType()
+    # only periodic axes matter (the network wraps them); a mirror or
+    # ghosted boundary is in A's rows already (and 3D DMDAs refuse mirror
+    # boundaries with a box stencil)
+    BT = PETSc.DM.BoundaryType
+    bx, by = (b if b == BT.PERIODIC else BT.NONE for b in dm.getBoundaryType())
     return PETSc.DMDA().create(dim=3, sizes=(nx, ny, 1), proc_sizes=(px, py, 1), dof=1,
-                               boundary_type=(bx, by, PETSc.DM.BoundaryType.NONE),
+                               boundary_type=(bx, by, BT.NONE),
                                stencil_width=1, stencil_type=PETSc.DMDA.StencilType.BOX,
                                ownership_ranges=(tuple(lx), tuple(ly), (1,)), comm=dm.getComm())
 
