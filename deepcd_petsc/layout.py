@@ -24,7 +24,9 @@ class Layout:
 
     @classmethod
     def from_da(cls, da):
-        return cls(*da.getOwnershipRanges())
+        """A 2D DMDA's layout is its flat 3D one: nz = 1, one rank along z."""
+        ranges = tuple(da.getOwnershipRanges())
+        return cls(*(ranges + ((1,),) * (3 - len(ranges))))
 
     def box(self, rank):
         """((xs, xe), (ys, ye), (zs, ze)) owned by `rank`."""
