@@ -300,16 +300,26 @@ void deepcd_mg_restrict(int D, int H, int W, const float *xp, const float *b, co
  * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of
  * mgnet._FACES), zero on inactive rows and towards inactive cells; tnorm:
  * the per-row scale of the smoothing taps' face weights (smooth_update_c). */
-static inline float coupled(const float *c, long u, int x, long N, long P, long W2,
-                            const float *k)
+static inline __attribute__((always_inline)) float
+coupled(const float *c, long u, int x, long N, long P, long W2, const float *k, int zt)
 {
+    if (!zt)      /* a 2D grid: no z neighbours, the z planes are never read */
+        return k[2 * N + u + x] * c[x - W2] + k[3 * N + u + x] * c[x + W2]
+               + k[4 * N + u + x] * c[x - 1] + k[5 * N + u + x] * c[x + 1];
     return k[u + x] * c[x - P] + k[N + u + x] * c[x + P] + k[2 * N + u + x] * c[x - W2]
            + k[3 * N + u + x] * c[x + W2] + k[4 * N + u + x] * c[x - 1]
            + k[5 * N + u + x] * c[x + 1];
 }
 
-void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
-                      const float *coef, float *sp, int nt)
+/* `zt` (the exported kernels' argument): 1 on 3D grids, 0 on 2D ones
+ * (nz = 1 on every rank: the z couplings and ghosts are zero), where each
+ * stencil reads 4 neighbours and couplings instead of 6. Both variants are
+ * compiled from one body (ZT_DISPATCH), so the 3D arithmetic is unchanged. */
+#define ZT_DISPATCH(body, ...) do { if (zt) body(__VA_ARGS__, 1); else body(__VA_ARGS__, 0); } while (0)
+
+static inline __attribute__((always_inline)) void
+mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+          const float *coef, float *sp, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -320,8 +330,14 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
             float *so = ROW(sp, z, y, H2, W2);
 #pragma omp simd
             for (int x = 0; x < W; x++)
-                so[x] = (coupled(c, u, x, N, P, W2, coef) + b[u + x]) * dinv[u + x] - c[x];
+                so[x] = (coupled(c, u, x, N, P, W2, coef, zt) + b[u + x]) * dinv[u + x] - c[x];
         }
+}
+
+void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+                      const float *coef, float *sp, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_resid, D, H, W, xp, b, dinv, coef, sp, nt);
 }
 
 /* the taps' per-face weight min(c_f · tnorm, 1), tnorm = 1/√(c_max·c_mean)
@@ -330,18 +346,23 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
 /* a ternary, not fminf: fminf's NaN rules kept the loop scalar (10x slower) */
 static inline float tw1(float v) { return v < 1.0f ? v : 1.0f; }
 #define TW(f) tw1(k[(f) * N + u + x] * t)
-static inline float smooth_update_c(const float *c, long u, int x, long N, long P, long W2,
-                                    const float *w, const float *k, const float *tn, float g)
+static inline __attribute__((always_inline)) float
+smooth_update_c(const float *c, long u, int x, long N, long P, long W2, const float *w,
+                const float *k, const float *tn, float g, int zt)
 {
     float t = tn[u + x];
+    if (!zt)
+        return (c[x] * w[0] + w[3] * TW(2) * c[x - W2] + w[4] * TW(3) * c[x + W2]
+                + w[5] * TW(4) * c[x - 1] + w[6] * TW(5) * c[x + 1]) * g;
     return (c[x] * w[0] + w[1] * TW(0) * c[x - P] + w[2] * TW(1) * c[x + P]
             + w[3] * TW(2) * c[x - W2] + w[4] * TW(3) * c[x + W2]
             + w[5] * TW(4) * c[x - 1] + w[6] * TW(5) * c[x + 1]) * g;
 }
 #undef TW
 
-void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
-                     const float *tnorm, const float *g, float *xp, int first, int nt)
+static inline __attribute__((always_inline)) void
+mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
+         const float *tnorm, const float *g, float *xp, int first, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -353,13 +374,19 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
             if (first) {
 #pragma omp simd
                 for (int x = 0; x < W; x++)
-                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt);
             } else {
 #pragma omp simd
                 for (int x = 0; x < W; x++)
-                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt);
             }
         }
+}
+
+void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
+                     const float *tnorm, const float *g, float *xp, int first, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_step, D, H, W, sp, w, coef, tnorm, g, xp, first, nt);
 }
 
 /* (the 2x2x2 restriction of coefficient levels is deepcd_mgc_restrict_s
@@ -369,9 +396,9 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
  * The same restriction (average of the children's residuals) and
  * prolongation as above for aggregates of fz × fy × fx cells (anisotropic
  * operators coarsen only their strongly coupled axes, mgnet.coarsening_plan). */
-void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
-                           const float *b, const float *diag, const float *coef,
-                           const float *cmask, float *cb, int nt)
+static inline __attribute__((always_inline)) void
+mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, const float *b,
+               const float *diag, const float *coef, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     int Dc = D / fz, Hc = H / fy, Wc = W / fx;
@@ -390,20 +417,27 @@ void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const fl
 #pragma omp simd
                         for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
-                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt));
                             float r1 = b[u + x + 1]
-                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef));
+                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt));
                             acc[X] += r0 + r1;
                         }
                     } else {
 #pragma omp simd
                         for (int x = 0; x < W; x++)
-                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt));
                     }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
             for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * inv * cmask[v + X];
         }
+}
+
+void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
+                           const float *b, const float *diag, const float *coef,
+                           const float *cmask, float *cb, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_restrict_s, D, H, W, fz, fy, fx, xp, b, diag, coef, cmask, cb, nt);
 }
 
 void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const float *e, float scale,
@@ -578,8 +612,9 @@ long deepcd_csr_read(int zm, int ym, int xm, long lo, const void *ai, const void
 /* out = [Σ e·cb, Σ e·(A e)] over a coefficient level (e in the padded xp,
  * its ghost layer filled; e is 0 on inactive cells): the coarse
  * correction's energy-optimal step (mgnet._energy_step) in one pass */
-void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
-                       const float *coef, double *out, int nt)
+static inline __attribute__((always_inline)) void
+mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
+           const float *coef, double *out, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     double num = 0.0, den = 0.0;
@@ -594,11 +629,17 @@ void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, co
             for (int x = 0; x < W; x++) {
                 float e = c[x];
                 n1 += e * cb[u + x];
-                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef));
+                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt));
             }
             num += n1;
             den += d1;
         }
     out[0] = num;
     out[1] = den;
+}
+
+void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
+                       const float *coef, double *out, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_energy, D, H, W, xp, cb, diag, coef, out, nt);
 }

@@ -526,6 +526,7 @@ class MGNet(nn.Module):
             lv.update({
                 # the coarsening to the next level (fz, fy, fx)
                 "factors": plan[l] if l < L - 1 else None,
+                "flat": nfaces == 4,       # 2D: the kernels skip the z taps
                 "gathered": g is not None and l >= g,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
@@ -681,7 +682,7 @@ class MGNet(nn.Module):
             h = self._level_halo(geo, whole)
             if h is not None:
                 h.fill(fused["xp"], 1)
-            s = kern.energy(fused["xp"], cb.contiguous(), fused["diag"], fused["coef"])
+            s = kern.energy(fused["xp"], cb.contiguous(), fused["diag"], fused["coef"], fused["flat"])
             num, den = (torch.tensor(v, dtype=torch.float64) for v in s)
             num, den = math.prod(f) * num, galerkin_factor(f) * den
         else:
@@ -792,7 +793,8 @@ class MGNet(nn.Module):
                 "gates": [[g[0, i].contiguous() for i in range(g.shape[1])] for g in lv["gates"]],
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
                 "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
-                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev)}
+                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
+                "flat": bool(lv.get("flat"))}
             if "coef" in lv:
                 f["coef"] = lv["coef"][0].contiguous()
                 f["tnorm"] = lv["tnorm"][0, 0].contiguous()
@@ -816,7 +818,7 @@ class MGNet(nn.Module):
                 if halo is not None:
                     halo.fill(xp, 1)
                 if coef:
-                    kern.resid_c(xp, b, f["dinv"], f["coef"], sp)
+                    kern.resid_c(xp, b, f["dinv"], f["coef"], sp, f["flat"])
                 else:
                     kern.resid(xp, b, f["dinv"], sp)
             if halo is not None:
@@ -825,7 +827,7 @@ class MGNet(nn.Module):
                 kern.step_out(sp, w[i], g, xp, out)
                 return out
             if coef:
-                kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first)
+                kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first, f["flat"])
             else:
                 kern.step(sp, w[i], g, xp, first)
         if out is not None:
@@ -855,7 +857,7 @@ class MGNet(nn.Module):
         full = tuple(fac) == (2, 2, 2)
         cb = torch.empty(D // fac[0], H // fac[1], W // fac[2], dtype=torch.float32, device=b.device)
         if not full:
-            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb)
+            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb, f["flat"])
         elif "coef" in f:
             kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
         else:
