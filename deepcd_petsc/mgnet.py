@@ -243,6 +243,19 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
     return L
 
 
+def _uniform_couplings(sc, halo=None):
+    """c when every nonzero coupling of sc (N, 6, ...) equals one value c
+    on every rank, else False (also without any coupling)."""
+    nz = sc[sc != 0]
+    lo = float(nz.min()) if nz.numel() else math.inf
+    hi = float(nz.max()) if nz.numel() else -math.inf
+    if halo is not None:
+        # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
+        lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
+        lo = -lo
+    return lo if lo == hi and 0 < lo < math.inf else False
+
+
 class WrapPad:
     """Ghost cells of a whole level on one process: the opposite side's
     cells on periodic axes, zeros elsewhere (a halo for one rank)."""
@@ -457,6 +470,7 @@ class MGNet(nn.Module):
             open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
             open_ = open_.round().clamp(min=0) * fl
         levels = []
+        unit0 = False
         g = None if mh is None else gather_level(
             [math.prod(halo.level_shape(l)) for l in range(L)])
         sd = sc = None
@@ -468,6 +482,15 @@ class MGNet(nn.Module):
             nb = _padded(fl.double(), halo)
             sc = torch.cat([st[:, 1 + f:2 + f] * _shifted(nb, a, k) for f, (a, k) in enumerate(_FACES)],
                            1) * fl.double()
+            unit0 = nfaces == 4 and _uniform_couplings(sc, mh)
+            if unit0:
+                # a 2D operator whose couplings are all one value c (the
+                # unit 5-point operator, scaled): divided by c, level 0 runs
+                # the compact passes of the flags path (no coupling planes
+                # to read: the same operator and, with unit couplings, the
+                # same smoothing taps), the coarse levels stay Galerkin
+                c = unit0
+                sd, sc = sd / c, sc / c
         for l in range(L):
             if l > 0:
                 f = plan[l - 1]
@@ -521,7 +544,9 @@ class MGNet(nn.Module):
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
                 diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
-                geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
+                geom = torch.cat([fl, air, 1 - fl - air, diag / nfaces], 1)
+            if l == 0 and sd is not None and unit0:
+                del lv["coef"], lv["tnorm"]       # the unit operator: compact passes
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             lv.update({
                 # the coarsening to the next level (fz, fy, fx)
@@ -762,6 +787,8 @@ class MGNet(nn.Module):
             return None
         if "coef" in geo["levels"][0] and (self.fused == "triton" or b.device.type != "cpu"):
             return None      # coefficient levels: kernels.c only
+        if geo["levels"][0].get("flat") and (self.fused == "triton" or b.device.type != "cpu"):
+            return None      # 2D grids (semi-coarsened 1×2×2): kernels.c only
         if self.fused == "triton" or (b.device.type == "cuda" and geo["halo"] is None
                                       and self.triton_error is None):
             try:
@@ -810,6 +837,7 @@ class MGNet(nn.Module):
         w = f["taps"][k]
         last = len(f["gates"][k]) - 1
         coef = "coef" in f
+        flat = {"flat": True} if f["flat"] else {}   # (Triton's passes have no such argument)
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
             if first:
@@ -820,16 +848,16 @@ class MGNet(nn.Module):
                 if coef:
                     kern.resid_c(xp, b, f["dinv"], f["coef"], sp, f["flat"])
                 else:
-                    kern.resid(xp, b, f["dinv"], sp)
+                    kern.resid(xp, b, f["dinv"], sp, **flat)
             if halo is not None:
                 halo.fill(sp, 1)
             if out is not None and i == last and not first:
-                kern.step_out(sp, w[i], g, xp, out)
+                kern.step_out(sp, w[i], g, xp, out, **flat)
                 return out
             if coef:
                 kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first, f["flat"])
             else:
-                kern.step(sp, w[i], g, xp, first)
+                kern.step(sp, w[i], g, xp, first, **flat)
         if out is not None:
             return out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         return xp[1:-1, 1:-1, 1:-1]
@@ -856,7 +884,9 @@ class MGNet(nn.Module):
         fac = lv["factors"]
         full = tuple(fac) == (2, 2, 2)
         cb = torch.empty(D // fac[0], H // fac[1], W // fac[2], dtype=torch.float32, device=b.device)
-        if not full:
+        if not full and "coef" not in f:
+            kern.restrict_fs(fac, xp, b, f["diag"], f["fluid"], f["cmask"], cb, f["flat"])
+        elif not full:
             kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb, f["flat"])
         elif "coef" in f:
             kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
