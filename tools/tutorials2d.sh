@@ -2,6 +2,7 @@
 # PETSc's own 2D tutorials (ex50, ex29, ex32, ex66 from Debian's examples),
 # built with PETSc's makefile, solved with CG + GAMG and with DCDM:
 #   tools/tutorials2d.sh BUILD_DIR "257 1025" "1 2"
+#   CASES="ex50 ex66" tools/tutorials2d.sh ...     (some of them)
 # (iterations capped at 2000); prints one line per run: example, options, ranks, solver, iterations,
 # reason, ||b||, ||b - Ax|| (PETSc's -ksp_view_final_residual), seconds.
 set -e
@@ -20,7 +21,11 @@ GMRES_GAMG="-ksp_type gmres -pc_type gamg -ksp_norm_type unpreconditioned"
 GCR_NET="-python -ksp_type gcr -pc_type python -pc_python_type deepcd_petsc.NetworkPC"
 for n in $SIZES; do
   for p in $RANKS; do
-    for case in "ex50" "ex29" "ex29 -rho 100" "ex29 -bc_type neumann -rho 0.01" "ex32" "ex32 -nu 0.01" "ex66"; do
+    for case in ${CASES:-ex50 ex29 ex29_rho100 ex29_neumann ex32 ex32_nu ex66}; do
+      case "$case" in   # the tutorials' own coefficient options
+        ex29_rho100) case="ex29 -rho 100";; ex29_neumann) case="ex29 -bc_type neumann -rho 0.01";;
+        ex32_nu) case="ex32 -nu 0.01";;
+      esac
       solvers="GAMG DCDM"
       case "$case" in ex66|*rho\ 100*) solvers="$solvers GMRES_GAMG GCR_NET";; esac
       for s in $solvers; do
