@@ -159,6 +159,11 @@ int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
  * stencil reads 4 neighbours and couplings instead of 6. Both variants are
  * compiled from one body (ZT_DISPATCH), so the 3D arithmetic is unchanged. */
 #define ZT_DISPATCH(body, ...) do { if (zt) body(__VA_ARGS__, 1); else body(__VA_ARGS__, 0); } while (0)
+/* Inside a parallel region zt is a variable again (OpenMP outlines the
+ * loop before inlining), which kept the simd loops scalar: ZT_SPLIT(loop)
+ * compiles the loop twice with zt_ a constant, chosen per row. */
+#define ZT_SPLIT(...) do { if (zt) { const int zt_ = 1; __VA_ARGS__ } \
+                           else { const int zt_ = 0; __VA_ARGS__ } } while (0)
 
 /* the unit operator's neighbour sum (6 neighbours; 4 on a 2D grid) */
 static inline __attribute__((always_inline)) float nbsum(const float *c, int x, long P, long W2,
@@ -215,11 +220,10 @@ mg_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float *so = ROW(sp, z, y, H2, W2);
-#pragma omp simd
-            for (int x = 0; x < W; x++) {
-                float nb = nbsum(c, x, P, W2, zt);
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++) {
+                float nb = nbsum(c, x, P, W2, zt_);
                 so[x] = (nb + b[u + x]) * dinv[u + x] - c[x];
-            }
+            });
         }
 }
 
@@ -255,11 +259,11 @@ mg_step(int D, int H, int W, const float *sp, const float *w, const float *g, fl
             const float *c = ROW(sp, z, y, H2, W2);
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
-#pragma omp simd
-                for (int x = 0; x < W; x++) xo[x] = smooth_update(c, x, P, W2, w, g[u + x], zt);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                             xo[x] = smooth_update(c, x, P, W2, w, g[u + x], zt_););
             } else {
-#pragma omp simd
-                for (int x = 0; x < W; x++) xo[x] += smooth_update(c, x, P, W2, w, g[u + x], zt);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                             xo[x] += smooth_update(c, x, P, W2, w, g[u + x], zt_););
             }
         }
 }
@@ -285,11 +289,10 @@ mg_step_out(int D, int H, int W, const float *sp, const float *w, const float *g
             long u = ((long)z * H + y) * W;
             const float *c = ROW(sp, z, y, H2, W2), *xi = ROW(xp, z, y, H2, W2);
             double *o = out + ((long)z * h + y) * wd;
-#pragma omp simd
-            for (int x = 0; x < wd; x++) {
-                float v = xi[x] + smooth_update(c, x, P, W2, w, g[u + x], zt);
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < wd; x++) {
+                float v = xi[x] + smooth_update(c, x, P, W2, w, g[u + x], zt_);
                 o[x] = v;
-            }
+            });
         }
 }
 
@@ -353,18 +356,16 @@ mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, cons
                     const float *c = ROW(xp, z, y, H2, W2);
                     const float *bu = b + u, *fu = fluid + u, *du = diag + u;
                     if (fx == 2) {
-#pragma omp simd
-                        for (int X = 0; X < Wc; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
-                            float r0 = bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt));
+                            float r0 = bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
                             float r1 = bu[x + 1]
-                                       - fu[x + 1] * (du[x + 1] * c[x + 1] - nbsum(c, x + 1, P, W2, zt));
+                                       - fu[x + 1] * (du[x + 1] * c[x + 1] - nbsum(c, x + 1, P, W2, zt_));
                             acc[X] += r0 + r1;
-                        }
+                        });
                     } else {
-#pragma omp simd
-                        for (int x = 0; x < W; x++)
-                            acc[x] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt));
+                        ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                            acc[x] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_)););
                     }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
@@ -409,9 +410,8 @@ mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *din
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float *so = ROW(sp, z, y, H2, W2);
-#pragma omp simd
-            for (int x = 0; x < W; x++)
-                so[x] = (coupled(c, u, x, N, P, W2, coef, zt) + b[u + x]) * dinv[u + x] - c[x];
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                so[x] = (coupled(c, u, x, N, P, W2, coef, zt_) + b[u + x]) * dinv[u + x] - c[x];);
         }
 }
 
@@ -453,13 +453,11 @@ mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef
             const float *c = ROW(sp, z, y, H2, W2);
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
-#pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
             } else {
-#pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
             }
         }
 }
@@ -495,18 +493,16 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
-#pragma omp simd
-                        for (int X = 0; X < Wc; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
-                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt));
+                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                             float r1 = b[u + x + 1]
-                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt));
+                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt_));
                             acc[X] += r0 + r1;
-                        }
+                        });
                     } else {
-#pragma omp simd
-                        for (int x = 0; x < W; x++)
-                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt));
+                        ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_)););
                     }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
@@ -706,12 +702,11 @@ mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *d
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float n1 = 0.0f, d1 = 0.0f;
-#pragma omp simd reduction(+:n1, d1)
-            for (int x = 0; x < W; x++) {
+            ZT_SPLIT(_Pragma("omp simd reduction(+:n1, d1)") for (int x = 0; x < W; x++) {
                 float e = c[x];
                 n1 += e * cb[u + x];
-                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt));
-            }
+                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt_));
+            });
             num += n1;
             den += d1;
         }
