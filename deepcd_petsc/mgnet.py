@@ -246,9 +246,9 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
 def _uniform_couplings(sc, halo=None):
     """c when every nonzero coupling of sc (N, 6, ...) equals one value c
     on every rank, else False (also without any coupling)."""
-    nz = sc[sc != 0]
-    lo = float(nz.min()) if nz.numel() else math.inf
-    hi = float(nz.max()) if nz.numel() else -math.inf
+    off = sc == 0
+    lo = float(sc.masked_fill(off, math.inf).amin())
+    hi = float(sc.masked_fill(off, -math.inf).amax())
     if halo is not None:
         # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
         lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
