@@ -177,3 +177,38 @@ def test_2d_grid_option_without_dmda():
         ksp.destroy()
         for o in (A, b, x, da):
             o.destroy()
+
+
+# -- the command line -----------------------------------------------------------
+DCDM_OPTS = ["-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_rtol", "1e-6"]
+
+
+def _json(r):
+    import json
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("scene", ["spheres", "liquid", "periodic"])
+def test_cli_solve_dim2(scene):
+    """deepcd solve --dim 2: the 2D scenes on a 2D DMDA, few iterations."""
+    from helpers import run_cli
+    out = _json(run_cli(["solve", "--dim", "2", "--n", "64", "--scene", scene, "--json", *DCDM_OPTS]))
+    assert out["reason"] == "CONVERGED_RTOL" and out["true_residual"] <= 1e-6, out
+    assert out["iterations"] <= 12, out
+
+
+def test_cli_solve_shape2_distributed_same_iterations():
+    """--shape NX,NY is a 2D grid; 3 ranks take the serial iteration count."""
+    from helpers import run_cli, run_cli_mpi
+    args = ["solve", "--shape", "45,38", "--scene", "smoke", "--json", *DCDM_OPTS]
+    one, three = _json(run_cli(args)), _json(run_cli_mpi(3, args))
+    assert one["iterations"] == three["iterations"] and three["ranks"] == 3, (one, three)
+
+
+def test_cli_bench_dim2(tmp_path):
+    from helpers import run_cli
+    r = run_cli(["bench", "--dim", "2", "--sizes", "32", "--scenes", "spheres", "--solvers", "dcdm,cg",
+                 "--repeats", "1", "--out", tmp_path])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "32^2 dcdm" in r.stdout and "CONVERGED_RTOL" in r.stdout, r.stdout
