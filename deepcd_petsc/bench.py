@@ -86,7 +86,7 @@ def unavailable_solvers(solvers, comm=None):
 
 
 def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
-          threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None):
+          threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None, dim=3):
     """List of result rows, one per (scene, size, solver): medians over
     `repeats` of set-up and solve time; the first repeat is a warm-up when
     repeats > 1 (imports, model load, caches). Solvers this PETSc build
@@ -107,9 +107,10 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
     for n in sizes:
         for scene in scenes:
             t0 = time.perf_counter()
-            problem = Problem.from_scene(scene, (n, n, n), seed=seed)
+            shape = (n, n, n if dim == 3 else 1)
+            problem = Problem.from_scene(scene, shape, seed=seed)
             assembly = time.perf_counter() - t0
-            geometry = lambda j, scene=scene, n=n: Problem.from_scene(scene, (n, n, n), seed=seed + j)
+            geometry = lambda j, scene=scene, shape=shape: Problem.from_scene(scene, shape, seed=seed + j)
             for name in solvers:
                 opts = solver_options(name, problem, model, threads, northo)
                 opts["ksp_rtol"] = str(rtol)
@@ -120,7 +121,7 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                                        geometry, seed, comm)
                 else:
                     row = single_row(problem, prefix, opts, repeats, comm)
-                row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly)
+                row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly, dim=dim)
                 rows.append(row)
                 log(_log_line(row))
             problem.destroy()
@@ -128,7 +129,7 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
 
 
 def _log_line(row):
-    head = f"{row['scene']:8s} {row['n']:4d}^3 {row['solver']:14s} its {row['iterations']:6d} " \
+    head = f"{row['scene']:8s} {row['n']:4d}^{row.get('dim', 3)} {row['solver']:14s} its {row['iterations']:6d} " \
            f"{row['reason']:16s} "
     if "solves" in row:
         return head + (f"first {row['first_s']:7.3f} s median {row['median_s']:7.3f} s "

@@ -42,8 +42,10 @@ def _add_problem_args(p):
     p.add_argument("--scene", default="spheres",
                    help="box | smoke | spheres | liquid | file, or an operator family: density | perm | "
                         "aniso | stretch | periodic (default spheres)")
-    p.add_argument("--n", help="cubic grid size N (N×N×N cells)")
-    p.add_argument("--shape", help="grid NX,NY,NZ (non-cubic)")
+    p.add_argument("--n", help="cubic grid size N (N×N×N cells; N×N with --dim 2)")
+    p.add_argument("--shape", help="grid NX,NY,NZ (non-cubic), or NX,NY: a 2D grid")
+    p.add_argument("--dim", type=int, default=None, choices=[2, 3],
+                   help="2: a 2D grid (2D DMDA, 5-point operator, y up); default 3, or 2 for --shape NX,NY")
     p.add_argument("--seed", default="0", help="scene and right-hand-side seed")
     p.add_argument("--flags", help="cell flags .npy, int (nz, ny, nx): 0 fluid, 1 solid, 2 air")
     p.add_argument("--rhs", help="right-hand side .npy, float (nz, ny, nx)")
@@ -109,6 +111,8 @@ def build_parser():
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
     bp.add_argument("--scenes", default="spheres,liquid", help="scenes, comma list")
     bp.add_argument("--sizes", default="32,64", help="cubic grid sizes N, comma list")
+    bp.add_argument("--dim", type=int, default=3, choices=[2, 3],
+                    help="2: N×N grids (2D DMDA, 5-point operators, the scenes' 2D versions)")
     bp.add_argument("--solvers", default="dcdm,fcg+net,cg,cg+jacobi,cg+icc,cg+gamg,cg+hypre,cg+mg,"
                                          "cg+gamg-tuned,cg+hypre-tuned,cg+mg-tuned",
                     help="solvers, comma list (the README lists each one's PETSc options)")
@@ -153,7 +157,8 @@ def _shape_from_args(a):
     if a.n is None and a.shape is None and a.flags:
         nz, ny, nx = load_flags(a.flags, None).shape  # reports a bad file precisely
         return (nx, ny, nz)
-    return parse_shape(a.n, a.shape)
+    dim = a.dim or (2 if a.shape is not None and len(str(a.shape).split(",")) == 2 else 3)
+    return parse_shape(a.n, a.shape, dim)
 
 
 def init_petsc(petsc_args):
@@ -438,7 +443,7 @@ def cmd_bench(a, petsc_args):
     rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
                  a.rtol, a.model, a.threads, a.northo,
                  log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
-                 skipped=skipped, solves=a.solves, change_every=a.change_every)
+                 skipped=skipped, solves=a.solves, change_every=a.change_every, dim=a.dim)
     if rank == 0:
         cmd = "deepcd " + " ".join(sys.argv[1:])
         size = PETSc.COMM_WORLD.getSize()

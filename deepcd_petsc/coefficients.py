@@ -113,6 +113,13 @@ def family(name, shape, seed, contrast=None, axes=None, allmax=float):
     from .scenes import _axes, _empty
     rng = np.random.default_rng([seed, 4242])
     nz, ny, nx = shape
+    if nz == 1:
+        # 2D: the plane is built whole (per rank), then windowed to `axes`
+        flags, faces, coef = _family2d(name, shape, rng, contrast)
+        if axes is not None:
+            ix = np.ix_(*axes)
+            flags, coef.k = flags[ix], coef.k[ix]
+        return flags, faces, coef
     flags = _empty(shape, axes)
     k = np.ones(flags.shape)
     hz, hy, hx = np.ones(nz), np.ones(ny), np.ones(nx)
@@ -143,6 +150,37 @@ def family(name, shape, seed, contrast=None, axes=None, allmax=float):
     else:
         raise ValueError(name)
     return flags, {"z+"}, Coefficients(k, hz, hy, hx, periodic)
+
+
+def _family2d(name, shape, rng, contrast):
+    """The 2D version of a family on (1, ny, nx), y up (open top y+): the
+    strong or graded axis is y, the periodic one x, obstacles are discs."""
+    _, ny, nx = shape
+    flags = np.zeros(shape, np.int8)
+    k = np.ones(shape)
+    hy, hx = np.ones(ny), np.ones(nx)
+    periodic = (False, False, False)
+    if name == "density":
+        ratio = 1000.0 if contrast is None else float(contrast)
+        bubbles = np.zeros(shape, np.int8)
+        for _ in range(rng.integers(4, 12)):
+            _add_sphere(bubbles, (0.5, *rng.uniform(0.15, 0.85, 2)), rng.uniform(0.06, 0.16))
+        k = np.where(bubbles == 1, ratio, 1.0)
+    elif name == "perm":
+        decades = 4.0 if contrast is None else float(contrast)
+        k = 10.0 ** (0.5 * decades * _smooth_field(shape, rng))
+    elif name == "aniso":
+        hy = np.full(ny, 1.0 / (4.0 if contrast is None else float(contrast)))
+    elif name == "stretch":
+        hy = (1.08 if contrast is None else float(contrast)) ** np.arange(ny)
+    elif name == "periodic":
+        periodic = (False, False, True)
+        for _ in range(rng.integers(3, 8)):
+            _add_sphere(flags, (0.5, rng.uniform(0.15, 0.7), rng.uniform(0, 1)),
+                        rng.uniform(0.06, 0.14))
+    else:
+        raise ValueError(name)
+    return flags, {"y+"}, Coefficients(k, np.ones(1), hy, hx, periodic)
 
 
 def scene_operator(scene, shape, seed):

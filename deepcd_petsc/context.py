@@ -10,6 +10,7 @@ import numpy as np
 from petsc4py import PETSc
 
 from .errors import SetupError
+from .layout import flat_dmda  # noqa: F401 (re-exported)
 from .scenes import AIR, FLUID, SOLID
 
 DEVICES = ("cpu", "cuda")
@@ -75,10 +76,10 @@ class NetworkContext:
         if grid is not None:
             try:
                 g = tuple(int(v) for v in grid.split(","))
-                assert len(g) == 3 and min(g) >= 1
+                assert len(g) in (2, 3) and min(g) >= 1
             except (ValueError, AssertionError):
-                raise SetupError(f"-{pre}grid {grid!r}: expected nx,ny,nz") from None
-            self.grid = g
+                raise SetupError(f"-{pre}grid {grid!r}: expected nx,ny,nz (or nx,ny for 2D)") from None
+            self.grid = g + (1,) * (3 - len(g))
         if (dev, dt) != (self.device, self.dtype):
             self.reset_network()
         self.device, self.dtype, self.threads = dev, dt, th or None
@@ -221,21 +222,38 @@ class NetworkContext:
         return f"cuda:{local % torch.cuda.device_count()}"
 
     def _grid(self, obj, A):
-        """(3D DMDA with dof 1 matching A's rows, whether we created it)."""
+        """(3D DMDA with dof 1 matching A's rows, whether we created it). A
+        2D DMDA becomes the 3D DMDA of sizes (nx, ny, 1) with the same
+        processor grid and ownership ranges (flat_dmda): its global
+        numbering is the 2D one, so A's rows, the halo exchange and the
+        network need no 2D variant."""
         dm = obj.getDM()
         if dm is not None and dm.getType() == PETSc.DM.Type.DA:
-            if dm.getDimension() != 3 or dm.getDof() != 1:
-                raise SetupError(f"DCDM needs a 3D DMDA with dof 1; the attached DMDA is "
-                                   f"{dm.getDimension()}D with dof {dm.getDof()}")
-            self._check_rows(dm, A, "the attached DMDA")
-            self.grid_source = "DMDA attached to the solver"
-            return dm, False
+            dim = dm.getDimension()
+            if dim not in (2, 3) or dm.getDof() != 1:
+                raise SetupError(f"DCDM needs a 2D or 3D DMDA with dof 1; the attached DMDA is "
+                                 f"{dim}D with dof {dm.getDof()}")
+            own = dim == 2
+            da = flat_dmda(dm) if own else dm
+            try:
+                self._check_rows(da, A, "the attached DMDA")
+            except SetupError:
+                if own:
+                    da.destroy()
+                raise
+            self.grid_source = f"{dim}D DMDA attached to the solver"
+            return da, own
         if self.grid is None:
-            raise SetupError("DCDM needs the 3D grid: attach a DMDA (KSPSetDM/PCSetDM, with "
-                               f"KSPSetDMActive false) or give -{self.option_prefix(obj)}grid nx,ny,nz")
+            raise SetupError("DCDM needs the grid: attach a 2D or 3D DMDA (KSPSetDM/PCSetDM, with "
+                             f"KSPSetDMActive false) or give -{self.option_prefix(obj)}grid "
+                             "nx,ny,nz (or nx,ny for 2D)")
         da = PETSc.DMDA().create(dim=3, sizes=self.grid, dof=1, stencil_width=1,
                                  stencil_type=PETSc.DMDA.StencilType.BOX, comm=A.getComm())
-        self._check_rows(da, A, f"-{self.option_prefix(obj)}grid {','.join(map(str, self.grid))}")
+        try:
+            self._check_rows(da, A, f"-{self.option_prefix(obj)}grid {','.join(map(str, self.grid))}")
+        except SetupError:
+            da.destroy()
+            raise
         self.grid_source = "-grid option"
         return da, True
 
@@ -261,7 +279,10 @@ class NetworkContext:
             block, self.geometry_source = _user_block(da, flags, "set_flags", ())
             block = block.astype(np.int8)
             from .model import dirichlet_from_ghosted
-            return block, dirichlet_from_ghosted(_ghosted(da, block, faces))
+            ghosted = _ghosted(da, block, faces)
+            if da.getSizes()[2] == 1:
+                self._flat_stencil(block, ghosted)
+            return block, dirichlet_from_ghosted(ghosted)
         if self.user_stencil is not None:
             return self._given_stencil(da, local)
         self.geometry_source = "derived from the operator"
@@ -284,6 +305,20 @@ class NetworkContext:
         self.derived = (flags, dirichlet, rows, np.array(digest))
         return flags, dirichlet
 
+    def _flat_stencil(self, block, ghosted):
+        """A 2D grid's network applies the stencil of its flags (the unit
+        5-point operator, open faces in the diagonal) with Galerkin coarse
+        levels: the flags path's max-pooled coarse flags took up to 18
+        iterations where these take 10 (512² spheres, smoke); its fine
+        level keeps the compact passes (MGNet.prepare, unit couplings)."""
+        from . import stencil
+        from .mgnet import MGNet
+        if not isinstance(self.net, MGNet):
+            raise SetupError("this model (a U-Net) is 3D only; 2D grids need a V-cycle model")
+        st = stencil.from_flags(block, ghosted)
+        self.stencil, self.periodic = st.packed(), st.periodic
+        self.operator_path = "unit 5-point operator of the cell flags (2D), Galerkin coarse levels"
+
     def _operator_stencil(self, da, A, local, flags, dirichlet, aij_rows=None):
         """Read A's 7-point stencil (AIJ rows, or probing a matrix-free A)
         and keep it for the network (self.stencil) unless A is a multiple
@@ -296,7 +331,10 @@ class NetworkContext:
         from .mgnet import MGNet
         comm = A.getComm().tompi4py()
         self.stencil = self.periodic = None
+        flat = da.getSizes()[2] == 1
         if not isinstance(self.net, MGNet):
+            if flat:
+                raise SetupError("this model (a U-Net) is 3D only; 2D grids need a V-cycle model")
             self.operator_path = "unit 7-point operator of the cell flags (this model reads flags only)"
             return flags
         aij = A.getType().endswith("aij")
@@ -313,7 +351,8 @@ class NetworkContext:
         errs = [e for e in comm.allgather(err) if e]
         if errs:
             raise SetupError(errs[0])
-        if aij:
+        points = "5-point" if flat else "7-point"
+        if aij and not flat:     # (2D: always the coefficients, see _flat_stencil)
             s = st.unit_scale(flags, dirichlet, _ghosted(da, flags))
             scales = comm.allgather(s)
             known = [v for v in scales if v is not None and v == v]
@@ -321,12 +360,12 @@ class NetworkContext:
                     not known or max(known) - min(known) <= 1e-8 * max(abs(v) for v in known)):
                 self.operator_path = "unit 7-point operator of the cell flags (scaled)"
                 return flags
-            self.operator_path = "the operator's 7-point coefficients (AIJ), Galerkin coarse levels"
+        if aij:
+            self.operator_path = f"the operator's {points} coefficients (AIJ), Galerkin coarse levels"
         else:
             flags = np.where(st.active(), FLUID, SOLID).astype(np.int8)
-            self.operator_path = (f"the operator's 7-point coefficients (probed, "
-                                  f"{getattr(st, 'matmults', 8)} MatMults), "
-                                  "Galerkin coarse levels")
+            self.operator_path = (f"the operator's {points} coefficients (probed, "
+                                  f"{st.matmults} MatMults), Galerkin coarse levels")
         self.stencil = st.packed()
         self.periodic = st.periodic
         return flags
@@ -622,9 +661,10 @@ def set_flags(obj, flags, open_faces=()):
         if isinstance(flags, PETSc.Vec):
             if np.any(f != np.rint(f)):
                 raise SetupError("set_flags: the Vec's flag values must be whole numbers 0, 1, 2")
-        elif f.ndim != 3 or not np.issubdtype(f.dtype, np.integer):
-            raise SetupError("set_flags: flags must be a 3D integer array: this rank's block "
-                             "(zm, ym, xm) or the whole grid (nz, ny, nx)")
+        elif f.ndim not in (2, 3) or not np.issubdtype(f.dtype, np.integer):
+            raise SetupError("set_flags: flags must be an integer array: this rank's block "
+                             "(zm, ym, xm) or the whole grid (nz, ny, nx); (ym, xm) or "
+                             "(ny, nx) on a 2D grid")
         if ((f < 0) | (f > 2)).any():
             raise SetupError("set_flags: flag values must be 0 (fluid), 1 (solid) or 2 (air)")
     given = _given(obj, flags, "set_flags", check)
@@ -632,6 +672,8 @@ def set_flags(obj, flags, open_faces=()):
         given = ("vec", given[1].astype(np.int8), given[2])
     else:
         given = given.astype(np.int8)
+        if given.ndim == 2:
+            given = given[None]       # (ny, nx): a 2D grid, the flat (1, ny, nx) view
     targets = _targets(obj)
     for t in targets:
         t.flags = (given, tuple(open_faces))
@@ -650,16 +692,19 @@ def set_stencil(obj, stencil):
     the diagonal only); or the whole grid (7, nz, ny, nx), the same on
     every rank; or a global Vec of a dof-7 DMDA on the same grid and split.
     Periodic axes come from the DMDA. Rows without couplings are left to
-    the Krylov method. Collective."""
+    the Krylov method. On a 2D grid, (7, ym, xm) or (7, ny, nx) with zero
+    z couplings. Collective."""
     def check(a):
-        if not isinstance(stencil, PETSc.Vec) and (a.ndim != 4 or a.shape[0] != 7):
+        if not isinstance(stencil, PETSc.Vec) and (a.ndim not in (3, 4) or a.shape[0] != 7):
             raise SetupError(f"set_stencil: expected an array (7, zm, ym, xm) or (7, nz, ny, nx), "
-                             f"got shape {a.shape}")
+                             f"(7, ym, xm) or (7, ny, nx) on a 2D grid; got shape {a.shape}")
         if not np.isfinite(a).all():
             raise SetupError("set_stencil: the coefficients hold NaN or Inf")
     given = _given(obj, stencil, "set_stencil", check)
     if not isinstance(given, tuple):
         given = given.astype(np.float64)
+        if given.ndim == 3:
+            given = given[:, None]    # 2D: the flat (7, 1, ny, nx) view
     targets = _targets(obj)
     for t in targets:
         t.user_stencil = given

@@ -179,6 +179,14 @@ class HaloExchange:
         self.seconds += time.perf_counter() - t0
         return torch.from_numpy(out).to(t)
 
+    def allreduce_max(self, t):
+        """Maximum of a small float64 tensor over the active ranks."""
+        from mpi4py import MPI
+        a = t.detach().to("cpu", torch.float64).numpy()
+        out = np.empty_like(a)
+        self.active_comm.Allreduce(a, out, op=MPI.MAX)
+        return torch.from_numpy(out)
+
     def own_block(self, x, level):
         """This rank's block of a whole-level field."""
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block

@@ -154,6 +154,26 @@ int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
  */
 #define ROW(p, z, y, H2, W2) ((p) + (((long)(z) + 1) * (H2) + (y) + 1) * (W2) + 1)
 
+/* `zt` (the exported kernels' argument): 1 on 3D grids, 0 on 2D ones
+ * (nz = 1 on every rank: the z couplings and ghosts are zero), where each
+ * stencil reads 4 neighbours and couplings instead of 6. Both variants are
+ * compiled from one body (ZT_DISPATCH), so the 3D arithmetic is unchanged. */
+#define ZT_DISPATCH(body, ...) do { if (zt) body(__VA_ARGS__, 1); else body(__VA_ARGS__, 0); } while (0)
+/* Inside a parallel region zt is a variable again (OpenMP outlines the
+ * loop before inlining), which kept the simd loops scalar: ZT_SPLIT(loop)
+ * compiles the loop twice with zt_ a constant, chosen per row. */
+#define ZT_SPLIT(...) do { if (zt) { const int zt_ = 1; __VA_ARGS__ } \
+                           else { const int zt_ = 0; __VA_ARGS__ } } while (0)
+
+/* the unit operator's neighbour sum (6 neighbours; 4 on a 2D grid) */
+static inline __attribute__((always_inline)) float nbsum(const float *c, int x, long P, long W2,
+                                                         int zt)
+{
+    if (!zt)
+        return c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
+    return c[x - P] + c[x + P] + c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
+}
+
 /* b = fluid ∘ (scale·r) on level 0's (D, H, W) field: the float64 residual
  * r, (d, h, w) in its corner (zero beyond: the padding to a multiple),
  * cast on the way in, as torch's r.float().mul_(scale) * fluid does */
@@ -189,8 +209,9 @@ void deepcd_mg_first(int D, int H, int W, const float *b, const float *dinv, flo
 /* s = D⁻¹(b − A x) with A x = diag·x − (sum of the 6 neighbours), as
  * D⁻¹(b + neighbours) − x: x is zero off the fluid (gates, prolongation and
  * D⁻¹ carry the fluid mask), so D⁻¹·diag·x = x and diag need not be read */
-void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
-                     float *sp, int nt)
+static inline __attribute__((always_inline)) void
+mg_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv, float *sp,
+         int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -199,26 +220,36 @@ void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float *so = ROW(sp, z, y, H2, W2);
-#pragma omp simd
-            for (int x = 0; x < W; x++) {
-                float nb = c[x - P] + c[x + P] + c[x - W2] + c[x + W2] + c[x - 1] + c[x + 1];
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++) {
+                float nb = nbsum(c, x, P, W2, zt_);
                 so[x] = (nb + b[u + x]) * dinv[u + x] - c[x];
-            }
+            });
         }
+}
+
+void deepcd_mg_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+                     float *sp, int zt, int nt)
+{
+    ZT_DISPATCH(mg_resid, D, H, W, xp, b, dinv, sp, nt);
 }
 
 /* g ∘ (w ∗ s) at cell x of a row of s: a smoothing step's update, the
  * learned 7-point stencil (centre, −z, +z, −y, +y, −x, +x) times the gate */
-static inline float smooth_update(const float *c, int x, long P, long W2, const float *w, float g)
+static inline __attribute__((always_inline)) float
+smooth_update(const float *c, int x, long P, long W2, const float *w, float g, int zt)
 {
+    if (!zt)
+        return (c[x] * w[0] + w[3] * c[x - W2] + w[4] * c[x + W2] + w[5] * c[x - 1]
+                + w[6] * c[x + 1]) * g;
     return (c[x] * w[0] + w[1] * c[x - P] + w[2] * c[x + P] + w[3] * c[x - W2]
             + w[4] * c[x + W2] + w[5] * c[x - 1] + w[6] * c[x + 1]) * g;
 }
 
 /* x (+)= g ∘ (w ∗ s) over a level (the gate carries the fluid mask);
  * `first`: x starts from zero */
-void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const float *g,
-                    float *xp, int first, int nt)
+static inline __attribute__((always_inline)) void
+mg_step(int D, int H, int W, const float *sp, const float *w, const float *g, float *xp,
+        int first, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -228,20 +259,27 @@ void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const 
             const float *c = ROW(sp, z, y, H2, W2);
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
-#pragma omp simd
-                for (int x = 0; x < W; x++) xo[x] = smooth_update(c, x, P, W2, w, g[u + x]);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                             xo[x] = smooth_update(c, x, P, W2, w, g[u + x], zt_););
             } else {
-#pragma omp simd
-                for (int x = 0; x < W; x++) xo[x] += smooth_update(c, x, P, W2, w, g[u + x]);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                             xo[x] += smooth_update(c, x, P, W2, w, g[u + x], zt_););
             }
         }
+}
+
+void deepcd_mg_step(int D, int H, int W, const float *sp, const float *w, const float *g,
+                    float *xp, int first, int zt, int nt)
+{
+    ZT_DISPATCH(mg_step, D, H, W, sp, w, g, xp, first, nt);
 }
 
 /* out = x + g ∘ (w ∗ s) as float64 on the (d, h, w) corner: the last step
  * of level 0's post-smoother writing the network's output straight into
  * the caller's float64 array (the cast fused in; xp is left as it was) */
-void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, const float *g,
-                        const float *xp, int d, int h, int wd, double *out, int nt)
+static inline __attribute__((always_inline)) void
+mg_step_out(int D, int H, int W, const float *sp, const float *w, const float *g,
+            const float *xp, int d, int h, int wd, double *out, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
     (void)D;
@@ -251,12 +289,17 @@ void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, co
             long u = ((long)z * H + y) * W;
             const float *c = ROW(sp, z, y, H2, W2), *xi = ROW(xp, z, y, H2, W2);
             double *o = out + ((long)z * h + y) * wd;
-#pragma omp simd
-            for (int x = 0; x < wd; x++) {
-                float v = xi[x] + smooth_update(c, x, P, W2, w, g[u + x]);
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < wd; x++) {
+                float v = xi[x] + smooth_update(c, x, P, W2, w, g[u + x], zt_);
                 o[x] = v;
-            }
+            });
         }
+}
+
+void deepcd_mg_step_out(int D, int H, int W, const float *sp, const float *w, const float *g,
+                        const float *xp, int d, int h, int wd, double *out, int zt, int nt)
+{
+    ZT_DISPATCH(mg_step_out, D, H, W, sp, w, g, xp, d, h, wd, out, nt);
 }
 
 /* coarse b = mask ∘ pool2(b − fluid ∘ (diag·x − neighbours)), D, H, W even */
@@ -293,6 +336,50 @@ void deepcd_mg_restrict(int D, int H, int W, const float *xp, const float *b, co
         }
 }
 
+/* the same for aggregates of fz × fy × fx cells (a 2D grid's 1 × 2 × 2) */
+static inline __attribute__((always_inline)) void
+mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, const float *b,
+              const float *diag, const float *fluid, const float *cmask, float *cb, int nt, int zt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2;
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
+    float inv = 1.0f / (float)(fz * fy * fx);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int Z = 0; Z < Dc; Z++)
+        for (int Y = 0; Y < Hc; Y++) {
+            float acc[Wc > 0 ? Wc : 1];
+            for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
+            for (int dz = 0; dz < fz; dz++)
+                for (int dy = 0; dy < fy; dy++) {
+                    int z = fz * Z + dz, y = fy * Y + dy;
+                    long u = ((long)z * H + y) * W;
+                    const float *c = ROW(xp, z, y, H2, W2);
+                    const float *bu = b + u, *fu = fluid + u, *du = diag + u;
+                    if (fx == 2) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
+                            int x = 2 * X;
+                            float r0 = bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
+                            float r1 = bu[x + 1]
+                                       - fu[x + 1] * (du[x + 1] * c[x + 1] - nbsum(c, x + 1, P, W2, zt_));
+                            acc[X] += r0 + r1;
+                        });
+                    } else {
+                        ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                            acc[x] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_)););
+                    }
+                }
+            long v = ((long)Z * Hc + Y) * Wc;
+            for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * inv * cmask[v + X];
+        }
+}
+
+void deepcd_mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
+                          const float *b, const float *diag, const float *fluid,
+                          const float *cmask, float *cb, int zt, int nt)
+{
+    ZT_DISPATCH(mg_restrict_s, D, H, W, fz, fy, fx, xp, b, diag, fluid, cmask, cb, nt);
+}
+
 /* (the nearest-neighbour prolongation x += (scale · e(parent)) ∘ fluid is
  * deepcd_mg_prolong_s with factors 2, 2, 2) */
 
@@ -300,16 +387,21 @@ void deepcd_mg_restrict(int D, int H, int W, const float *xp, const float *b, co
  * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of
  * mgnet._FACES), zero on inactive rows and towards inactive cells; tnorm:
  * the per-row scale of the smoothing taps' face weights (smooth_update_c). */
-static inline float coupled(const float *c, long u, int x, long N, long P, long W2,
-                            const float *k)
+static inline __attribute__((always_inline)) float
+coupled(const float *c, long u, int x, long N, long P, long W2, const float *k, int zt)
 {
+    if (!zt)      /* a 2D grid: no z neighbours, the z planes are never read */
+        return k[2 * N + u + x] * c[x - W2] + k[3 * N + u + x] * c[x + W2]
+               + k[4 * N + u + x] * c[x - 1] + k[5 * N + u + x] * c[x + 1];
     return k[u + x] * c[x - P] + k[N + u + x] * c[x + P] + k[2 * N + u + x] * c[x - W2]
            + k[3 * N + u + x] * c[x + W2] + k[4 * N + u + x] * c[x - 1]
            + k[5 * N + u + x] * c[x + 1];
 }
 
-void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
-                      const float *coef, float *sp, int nt)
+
+static inline __attribute__((always_inline)) void
+mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+          const float *coef, float *sp, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -318,10 +410,15 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float *so = ROW(sp, z, y, H2, W2);
-#pragma omp simd
-            for (int x = 0; x < W; x++)
-                so[x] = (coupled(c, u, x, N, P, W2, coef) + b[u + x]) * dinv[u + x] - c[x];
+            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                so[x] = (coupled(c, u, x, N, P, W2, coef, zt_) + b[u + x]) * dinv[u + x] - c[x];);
         }
+}
+
+void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
+                      const float *coef, float *sp, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_resid, D, H, W, xp, b, dinv, coef, sp, nt);
 }
 
 /* the taps' per-face weight min(c_f · tnorm, 1), tnorm = 1/√(c_max·c_mean)
@@ -330,18 +427,23 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
 /* a ternary, not fminf: fminf's NaN rules kept the loop scalar (10x slower) */
 static inline float tw1(float v) { return v < 1.0f ? v : 1.0f; }
 #define TW(f) tw1(k[(f) * N + u + x] * t)
-static inline float smooth_update_c(const float *c, long u, int x, long N, long P, long W2,
-                                    const float *w, const float *k, const float *tn, float g)
+static inline __attribute__((always_inline)) float
+smooth_update_c(const float *c, long u, int x, long N, long P, long W2, const float *w,
+                const float *k, const float *tn, float g, int zt)
 {
     float t = tn[u + x];
+    if (!zt)
+        return (c[x] * w[0] + w[3] * TW(2) * c[x - W2] + w[4] * TW(3) * c[x + W2]
+                + w[5] * TW(4) * c[x - 1] + w[6] * TW(5) * c[x + 1]) * g;
     return (c[x] * w[0] + w[1] * TW(0) * c[x - P] + w[2] * TW(1) * c[x + P]
             + w[3] * TW(2) * c[x - W2] + w[4] * TW(3) * c[x + W2]
             + w[5] * TW(4) * c[x - 1] + w[6] * TW(5) * c[x + 1]) * g;
 }
 #undef TW
 
-void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
-                     const float *tnorm, const float *g, float *xp, int first, int nt)
+static inline __attribute__((always_inline)) void
+mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
+         const float *tnorm, const float *g, float *xp, int first, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -351,15 +453,19 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
             const float *c = ROW(sp, z, y, H2, W2);
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
-#pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
             } else {
-#pragma omp simd
-                for (int x = 0; x < W; x++)
-                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x]);
+                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
             }
         }
+}
+
+void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
+                     const float *tnorm, const float *g, float *xp, int first, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_step, D, H, W, sp, w, coef, tnorm, g, xp, first, nt);
 }
 
 /* (the 2x2x2 restriction of coefficient levels is deepcd_mgc_restrict_s
@@ -369,9 +475,9 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
  * The same restriction (average of the children's residuals) and
  * prolongation as above for aggregates of fz × fy × fx cells (anisotropic
  * operators coarsen only their strongly coupled axes, mgnet.coarsening_plan). */
-void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
-                           const float *b, const float *diag, const float *coef,
-                           const float *cmask, float *cb, int nt)
+static inline __attribute__((always_inline)) void
+mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, const float *b,
+               const float *diag, const float *coef, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     int Dc = D / fz, Hc = H / fy, Wc = W / fx;
@@ -387,23 +493,28 @@ void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const fl
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
-#pragma omp simd
-                        for (int X = 0; X < Wc; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
-                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                             float r1 = b[u + x + 1]
-                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef));
+                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt_));
                             acc[X] += r0 + r1;
-                        }
+                        });
                     } else {
-#pragma omp simd
-                        for (int x = 0; x < W; x++)
-                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef));
+                        ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_)););
                     }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
             for (int X = 0; X < Wc; X++) cb[v + X] = acc[X] * inv * cmask[v + X];
         }
+}
+
+void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
+                           const float *b, const float *diag, const float *coef,
+                           const float *cmask, float *cb, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_restrict_s, D, H, W, fz, fy, fx, xp, b, diag, coef, cmask, cb, nt);
 }
 
 void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const float *e, float scale,
@@ -578,8 +689,9 @@ long deepcd_csr_read(int zm, int ym, int xm, long lo, const void *ai, const void
 /* out = [Σ e·cb, Σ e·(A e)] over a coefficient level (e in the padded xp,
  * its ghost layer filled; e is 0 on inactive cells): the coarse
  * correction's energy-optimal step (mgnet._energy_step) in one pass */
-void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
-                       const float *coef, double *out, int nt)
+static inline __attribute__((always_inline)) void
+mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
+           const float *coef, double *out, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     double num = 0.0, den = 0.0;
@@ -590,15 +702,20 @@ void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, co
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float n1 = 0.0f, d1 = 0.0f;
-#pragma omp simd reduction(+:n1, d1)
-            for (int x = 0; x < W; x++) {
+            ZT_SPLIT(_Pragma("omp simd reduction(+:n1, d1)") for (int x = 0; x < W; x++) {
                 float e = c[x];
                 n1 += e * cb[u + x];
-                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef));
-            }
+                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt_));
+            });
             num += n1;
             den += d1;
         }
     out[0] = num;
     out[1] = den;
+}
+
+void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
+                       const float *coef, double *out, int zt, int nt)
+{
+    ZT_DISPATCH(mgc_energy, D, H, W, xp, cb, diag, coef, out, nt);
 }

@@ -75,17 +75,19 @@ _v, _f = ctypes.c_void_p, ctypes.c_float
 MG_SIGNATURES = {
     "deepcd_mg_input": [_int, _int, _int, _int, _int, _int, _v, _f, _v, _v, _int],
     "deepcd_mg_first": [_int, _int, _int, _v, _v, _v, _int],
-    "deepcd_mg_resid": [_int, _int, _int, _v, _v, _v, _v, _int],
-    "deepcd_mg_step": [_int, _int, _int, _v, _v, _v, _v, _int, _int],
-    "deepcd_mg_step_out": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int, _v, _int],
+    # (the int before the thread count of a stencil pass: zt, 0 on 2D grids: no z taps)
+    "deepcd_mg_resid": [_int, _int, _int, _v, _v, _v, _v, _int, _int],
+    "deepcd_mg_step": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int],
+    "deepcd_mg_step_out": [_int, _int, _int, _v, _v, _v, _v, _int, _int, _int, _v, _int, _int],
     "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
+    "deepcd_mg_restrict_s": [_int] * 6 + [_v] * 6 + [_int, _int],
     # levels with coefficients (stencil.py)
-    "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int],
-    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int],
+    "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int],
+    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int, _int],
     # semi-coarsened levels (factors per axis)
-    "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int],
+    "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int, _int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
-    "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int],
+    "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -513,50 +515,58 @@ class CKernels:
         self.lib.deepcd_mg_first(*b.shape, b.data_ptr(), dinv.data_ptr(), sp.data_ptr(),
                                  self.nt())
 
-    def resid(self, xp, b, dinv, sp):
+    # `flat`: a 2D grid (nz = 1 on every rank): the stencils skip the z taps
+    def resid(self, xp, b, dinv, sp, flat=False):
         self.lib.deepcd_mg_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
-                                 sp.data_ptr(), self.nt())
+                                 sp.data_ptr(), int(not flat), self.nt())
 
-    def step(self, sp, w, g, xp, first):
+    def step(self, sp, w, g, xp, first, flat=False):
         self.lib.deepcd_mg_step(*g.shape, sp.data_ptr(), w.data_ptr(), g.data_ptr(), xp.data_ptr(),
-                                int(first), self.nt())
+                                int(first), int(not flat), self.nt())
 
-    def step_out(self, sp, w, g, xp, out):
+    def step_out(self, sp, w, g, xp, out, flat=False):
         self.lib.deepcd_mg_step_out(*g.shape, sp.data_ptr(), w.data_ptr(), g.data_ptr(),
                                     xp.data_ptr(), *out.shape, out.data_ptr(),
-                                    self.nt())
+                                    int(not flat), self.nt())
 
     def restrict(self, xp, b, diag, fluid, cmask, cb):
         self.lib.deepcd_mg_restrict(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
                                     fluid.data_ptr(), cmask.data_ptr(), cb.data_ptr(),
                                     self.nt())
 
-    def resid_c(self, xp, b, dinv, coef, sp):
-        self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
-                                  coef.data_ptr(), sp.data_ptr(), self.nt())
+    def restrict_fs(self, factors, xp, b, diag, fluid, cmask, cb, flat=False):
+        """restrict (the unit operator's levels) for aggregates of factors
+        (fz, fy, fx): a 2D grid's (1, 2, 2)."""
+        self.lib.deepcd_mg_restrict_s(*b.shape, *factors, xp.data_ptr(), b.data_ptr(),
+                                      diag.data_ptr(), fluid.data_ptr(), cmask.data_ptr(),
+                                      cb.data_ptr(), int(not flat), self.nt())
 
-    def step_c(self, sp, w, coef, tnorm, g, xp, first):
+    def resid_c(self, xp, b, dinv, coef, sp, flat=False):
+        self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
+                                  coef.data_ptr(), sp.data_ptr(), int(not flat), self.nt())
+
+    def step_c(self, sp, w, coef, tnorm, g, xp, first, flat=False):
         self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), coef.data_ptr(),
                                  tnorm.data_ptr(),
-                                 g.data_ptr(), xp.data_ptr(), int(first), self.nt())
+                                 g.data_ptr(), xp.data_ptr(), int(first), int(not flat), self.nt())
 
-    def restrict_c(self, xp, b, diag, coef, cmask, cb):
-        self.restrict_s((2, 2, 2), xp, b, diag, coef, cmask, cb)
+    def restrict_c(self, xp, b, diag, coef, cmask, cb, flat=False):
+        self.restrict_s((2, 2, 2), xp, b, diag, coef, cmask, cb, flat)
 
     def prolong(self, e, scale, fluid, xp):
         self.prolong_s((2, 2, 2), e, scale, fluid, xp)
 
-    def restrict_s(self, factors, xp, b, diag, coef, cmask, cb):
+    def restrict_s(self, factors, xp, b, diag, coef, cmask, cb, flat=False):
         """restrict_c for aggregates of factors (fz, fy, fx) cells."""
         self.lib.deepcd_mgc_restrict_s(*b.shape, *factors, xp.data_ptr(), b.data_ptr(),
                                        diag.data_ptr(), coef.data_ptr(), cmask.data_ptr(),
-                                       cb.data_ptr(), self.nt())
+                                       cb.data_ptr(), int(not flat), self.nt())
 
-    def energy(self, xp, cb, diag, coef):
+    def energy(self, xp, cb, diag, coef, flat=False):
         """(Σ e·cb, Σ e·Ae) of a coefficient level, e in xp (ghosts filled)."""
         out = (ctypes.c_double * 2)()
         self.lib.deepcd_mgc_energy(*cb.shape, xp.data_ptr(), cb.data_ptr(), diag.data_ptr(),
-                                   coef.data_ptr(), out, self.nt())
+                                   coef.data_ptr(), out, int(not flat), self.nt())
         return out[0], out[1]
 
     def prolong_s(self, factors, e, scale, fluid, xp):

@@ -24,7 +24,9 @@ class Layout:
 
     @classmethod
     def from_da(cls, da):
-        return cls(*da.getOwnershipRanges())
+        """A 2D DMDA's layout is its flat 3D one: nz = 1, one rank along z."""
+        ranges = tuple(da.getOwnershipRanges())
+        return cls(*(ranges + ((1,),) * (3 - len(ranges))))
 
     def box(self, rank):
         """((xs, xe), (ys, ye), (zs, ze)) owned by `rank`."""
@@ -62,3 +64,23 @@ class Layout:
         k = self.start[2][cz] + kl
         nx, ny, _ = self.shape_xyz
         return i + nx * (j + ny * k)
+
+
+def flat_dmda(dm):
+    """The 3D DMDA (nx, ny, 1) of a 2D DMDA: processor grid (px, py, 1),
+    the same ownership ranges and periodic axes, so that cell (i, j)
+    has the same global index in both (PETSc numbers a rank's block x
+    fastest, then y, then z)."""
+    nx, ny = dm.getSizes()
+    px, py = dm.getProcSizes()
+    lx, ly = dm.getOwnershipRanges()
+    # only periodic axes matter (the network wraps them); a mirror or
+    # ghosted boundary is in A's rows already (and 3D DMDAs refuse mirror
+    # boundaries with a box stencil)
+    from petsc4py import PETSc
+    BT = PETSc.DM.BoundaryType
+    bx, by = (b if b == BT.PERIODIC else BT.NONE for b in dm.getBoundaryType())
+    return PETSc.DMDA().create(dim=3, sizes=(nx, ny, 1), proc_sizes=(px, py, 1), dof=1,
+                               boundary_type=(bx, by, BT.NONE),
+                               stencil_width=1, stencil_type=PETSc.DMDA.StencilType.BOX,
+                               ownership_ranges=(tuple(lx), tuple(ly), (1,)), comm=dm.getComm())

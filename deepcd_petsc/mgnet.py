@@ -195,7 +195,8 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     """
     per = tuple(periodic or (False,) * 3)
     if strengths is None:
-        return [(2, 2, 2)] * (levels_for(shape, max_levels, coarsest, per) - 1)
+        full = tuple(1 if int(n) == 1 else 2 for n in shape)
+        return [full] * (levels_for(shape, max_levels, coarsest, per) - 1)
     tot = float(sum(strengths[:3]))
     # rounded: sums over ranks differ from the serial sum in the last bits
     s = [round(float(v) / tot, 9) for v in strengths[:3]] if tot > 0 else [1.0, 1.0, 1.0]
@@ -208,7 +209,10 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
             break
         smax = max(v for v, ok in zip(s, can) if ok)
         f = tuple(2 if ok and v >= SEMI_THRESHOLD * smax * (1 - 1e-6) else 1 for v, ok in zip(s, can))
-        if f != (2, 2, 2) and math.prod(-(-int(n) // c) for n, c in zip(shape, cum)) <= DENSE_CELLS:
+        # an axis one cell long (a 2D grid's z) is never coarsened: halving
+        # all the others is full coarsening there
+        full = all(k == 2 or int(n) == 1 for k, n in zip(f, shape))
+        if not full and math.prod(-(-int(n) // c) for n, c in zip(shape, cum)) <= DENSE_CELLS:
             break     # solved exactly as it is: a semi-coarsened level more only loses accuracy
         s = [v * math.prod(f) / f[a] for a, v in enumerate(s)]
         cum = [c * k for c, k in zip(cum, f)]
@@ -230,7 +234,7 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
     """Levels for a grid: halve until the smallest dimension would drop
     below `coarsest` cells. A periodic axis cannot be padded (the wrap would
     see the padding), so 2^(L−1) must divide its length."""
-    m = min(int(s) for s in shape)
+    m = min((int(s) for s in shape if int(s) > 1), default=1)    # 2D: z is one cell
     if m < 2 * coarsest:
         return 1
     L = max(1, min(max_levels, int(math.floor(math.log2(m / coarsest))) + 1))
@@ -238,6 +242,19 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
         if per:
             L = min(L, 1 + ((int(n) & -int(n)).bit_length() - 1))
     return L
+
+
+def _uniform_couplings(sc, halo=None):
+    """c when every nonzero coupling of sc (N, 6, ...) equals one value c
+    on every rank, else False (also without any coupling)."""
+    off = sc == 0
+    lo = float(sc.masked_fill(off, math.inf).amin())
+    hi = float(sc.masked_fill(off, -math.inf).amax())
+    if halo is not None:
+        # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
+        lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
+        lo = -lo
+    return lo if lo == hi and 0 < lo < math.inf else False
 
 
 class WrapPad:
@@ -423,6 +440,8 @@ class MGNet(nn.Module):
         elif flags.dim() == 4:
             flags = flags[:, None]
         shape = tuple(flags.shape[-3:])
+        # a 2D grid (z one cell long, on every rank): 4 faces per cell
+        nfaces = 4 if (halo.dec.shape[2] if halo is not None else shape[0]) == 1 else 6
         if halo is not None:
             plan = halo.dec.plan
             pad = [0, 0, 0]
@@ -452,6 +471,7 @@ class MGNet(nn.Module):
             open_ = torch.where(ok, (d * ns - ai) / (1 - d).clamp(min=1e-6), torch.zeros_like(d))
             open_ = open_.round().clamp(min=0) * fl
         levels = []
+        unit0 = False
         g = None if mh is None else gather_level(
             [math.prod(halo.level_shape(l)) for l in range(L)])
         sd = sc = None
@@ -463,6 +483,15 @@ class MGNet(nn.Module):
             nb = _padded(fl.double(), halo)
             sc = torch.cat([st[:, 1 + f:2 + f] * _shifted(nb, a, k) for f, (a, k) in enumerate(_FACES)],
                            1) * fl.double()
+            unit0 = nfaces == 4 and _uniform_couplings(sc, mh)
+            if unit0:
+                # a 2D operator whose couplings are all one value c (the
+                # unit 5-point operator, scaled): divided by c, level 0 runs
+                # the compact passes of the flags path (no coupling planes
+                # to read: the same operator and, with unit couplings, the
+                # same smoothing taps), the coarse levels stay Galerkin
+                c = unit0
+                sd, sc = sd / c, sc / c
         for l in range(L):
             if l > 0:
                 f = plan[l - 1]
@@ -495,8 +524,9 @@ class MGNet(nn.Module):
                 cm = sc.amax(1, keepdim=True)
                 cmax = cm.float()
                 # scale-free: diag over 6 × the strongest coupling (diag/6
-                # on the unit operator, which the gates were trained on)
-                feat = torch.where(cmax > 0, diag / (6 * cmax.clamp(min=1e-300)),
+                # on the unit operator, which the gates were trained on; 4
+                # in 2D, so that an interior cell looks as in 3D)
+                feat = torch.where(cmax > 0, diag / (nfaces * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
                 lv["coef"] = sc.to(dtype)
                 # c / √(c_max · c_mean) over the coupled faces, at most 1: 1
@@ -515,11 +545,14 @@ class MGNet(nn.Module):
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
                 diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
-                geom = torch.cat([fl, air, 1 - fl - air, diag / 6], 1)
+                geom = torch.cat([fl, air, 1 - fl - air, diag / nfaces], 1)
+            if l == 0 and sd is not None and unit0:
+                del lv["coef"], lv["tnorm"]       # the unit operator: compact passes
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             lv.update({
                 # the coarsening to the next level (fz, fy, fx)
                 "factors": plan[l] if l < L - 1 else None,
+                "flat": nfaces == 4,       # 2D: the kernels skip the z taps
                 "gathered": g is not None and l >= g,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
@@ -685,7 +718,7 @@ class MGNet(nn.Module):
             h = self._level_halo(geo, whole)
             if h is not None:
                 h.fill(fused["xp"], 1)
-            s = kern.energy(fused["xp"], cb.contiguous(), fused["diag"], fused["coef"])
+            s = kern.energy(fused["xp"], cb.contiguous(), fused["diag"], fused["coef"], fused["flat"])
             num, den = (torch.tensor(v, dtype=torch.float64) for v in s)
             num, den = math.prod(f) * num, galerkin_factor(f) * den
         else:
@@ -765,6 +798,8 @@ class MGNet(nn.Module):
             return None
         if "coef" in geo["levels"][0] and (self.fused == "triton" or b.device.type != "cpu"):
             return None      # coefficient levels: kernels.c only
+        if geo["levels"][0].get("flat") and (self.fused == "triton" or b.device.type != "cpu"):
+            return None      # 2D grids (semi-coarsened 1×2×2): kernels.c only
         if self.fused == "triton" or (b.device.type == "cuda" and geo["halo"] is None
                                       and self.triton_error is None):
             try:
@@ -796,7 +831,8 @@ class MGNet(nn.Module):
                 "gates": [[g[0, i].contiguous() for i in range(g.shape[1])] for g in lv["gates"]],
                 "taps": [torch.tensor(t, dtype=torch.float32) for t in lv["taps"]],
                 "xp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
-                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev)}
+                "sp": torch.zeros(D + 2, H + 2, W + 2, dtype=torch.float32, device=dev),
+                "flat": bool(lv.get("flat"))}
             if "coef" in lv:
                 f["coef"] = lv["coef"][0].contiguous()
                 f["tnorm"] = lv["tnorm"][0, 0].contiguous()
@@ -812,6 +848,7 @@ class MGNet(nn.Module):
         w = f["taps"][k]
         last = len(f["gates"][k]) - 1
         coef = "coef" in f
+        flat = {"flat": True} if f["flat"] else {}   # (Triton's passes have no such argument)
         for i, g in enumerate(f["gates"][k]):
             first = start and i == 0
             if first:
@@ -820,18 +857,18 @@ class MGNet(nn.Module):
                 if halo is not None:
                     halo.fill(xp, 1)
                 if coef:
-                    kern.resid_c(xp, b, f["dinv"], f["coef"], sp)
+                    kern.resid_c(xp, b, f["dinv"], f["coef"], sp, f["flat"])
                 else:
-                    kern.resid(xp, b, f["dinv"], sp)
+                    kern.resid(xp, b, f["dinv"], sp, **flat)
             if halo is not None:
                 halo.fill(sp, 1)
             if out is not None and i == last and not first:
-                kern.step_out(sp, w[i], g, xp, out)
+                kern.step_out(sp, w[i], g, xp, out, **flat)
                 return out
             if coef:
-                kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first)
+                kern.step_c(sp, w[i], f["coef"], f["tnorm"], g, xp, first, f["flat"])
             else:
-                kern.step(sp, w[i], g, xp, first)
+                kern.step(sp, w[i], g, xp, first, **flat)
         if out is not None:
             return out.copy_(xp[1:1 + out.shape[0], 1:1 + out.shape[1], 1:1 + out.shape[2]])
         return xp[1:-1, 1:-1, 1:-1]
@@ -858,8 +895,10 @@ class MGNet(nn.Module):
         fac = lv["factors"]
         full = tuple(fac) == (2, 2, 2)
         cb = torch.empty(D // fac[0], H // fac[1], W // fac[2], dtype=torch.float32, device=b.device)
-        if not full:
-            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb)
+        if not full and "coef" not in f:
+            kern.restrict_fs(fac, xp, b, f["diag"], f["fluid"], f["cmask"], cb, f["flat"])
+        elif not full:
+            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb, f["flat"])
         elif "coef" in f:
             kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
         else:

@@ -15,17 +15,20 @@ from .scenes import (AIR, FLUID, SOLID, finish_block, load_npy, padded, scene_bl
 NEIGHBOURS = ((0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1))
 
 
-def parse_shape(n=None, shape=None):
-    """(nx, ny, nz) from --n N or --shape NX,NY,NZ, validated."""
+def parse_shape(n=None, shape=None, dim=3):
+    """(nx, ny, nz) from --n N or --shape NX,NY,NZ, validated; a 2D grid
+    (--dim 2, or --shape NX,NY) has nz = 1."""
+    if dim not in (2, 3):
+        raise UserError(f"--dim {dim}: use 2 or 3")
     if shape is not None:
         parts = str(shape).split(",")
-        if len(parts) != 3:
-            raise UserError(f"--shape {shape!r}: expected three integers NX,NY,NZ")
+        if len(parts) not in (2, 3) or (dim == 2 and len(parts) != 2):
+            raise UserError(f"--shape {shape!r}: expected NX,NY,NZ (3D) or NX,NY (2D)")
         vals = parts
     elif n is not None:
-        vals = [n] * 3
+        vals = [n] * dim
     else:
-        raise UserError("give the grid size with --n N or --shape NX,NY,NZ")
+        raise UserError("give the grid size with --n N or --shape NX,NY,NZ (NX,NY in 2D)")
     out = []
     for v in vals:
         try:
@@ -35,7 +38,7 @@ def parse_shape(n=None, shape=None):
         if iv < 4:
             raise UserError(f"grid size {iv} is too small: every dimension must be >= 4")
         out.append(iv)
-    return tuple(out)
+    return tuple(out) + (1,) * (3 - len(out))
 
 
 def _local(pf, box):
@@ -128,6 +131,13 @@ def label_regions(da, pflags):
     smallest key across its block faces, exchanged through the DMDA's
     ghosts, until no key changes anywhere: as many exchanges as blocks a
     region crosses in a line, with O(block surface) work each."""
+    if da.getDimension() == 2:      # its flat 3D view: the same numbering
+        from .layout import flat_dmda
+        flat = flat_dmda(da)
+        try:
+            return label_regions(flat, pflags)
+        finally:
+            flat.destroy()
     from mpi4py import MPI
     from scipy import ndimage
     comm = da.getComm().tompi4py()
@@ -234,10 +244,12 @@ class Problem:
         comm = comm or PETSc.COMM_WORLD
         self.ranks = comm.getSize()
         bt = PETSc.DM.BoundaryType
+        # nz = 1: a 2D DMDA (5-point operator), numbered as its flat 3D view
+        dim = 2 if nz == 1 else 3
         self.da = PETSc.DMDA().create(
-            dim=3, sizes=(nx, ny, nz), dof=1,
-            proc_sizes=proc_sizes or (PETSc.DECIDE,) * 3,
-            boundary_type=tuple(bt.PERIODIC if p else bt.NONE for p in self.periodic[::-1]),
+            dim=dim, sizes=(nx, ny, nz)[:dim], dof=1,
+            proc_sizes=tuple(proc_sizes or (PETSc.DECIDE,) * 3)[:dim],
+            boundary_type=tuple(bt.PERIODIC if p else bt.NONE for p in self.periodic[::-1])[:dim],
             stencil_type=PETSc.DMDA.StencilType.BOX, stencil_width=1,
             comm=comm, setup=False)
         self.da.setInterpolationType(PETSc.DMDA.InterpolationType.Q0)
@@ -245,7 +257,7 @@ class Problem:
         self.A = self.nullspace = self.b = None
         try:
             self.layout = Layout.from_da(self.da)
-            self.box = tuple(tuple(r) for r in self.da.getRanges())
+            self.box = tuple(tuple(r) for r in self.da.getRanges()) + ((0, 1),) * (3 - dim)
             self.pflags, self.trans = _collective(comm, block, self.box)
             if not comm.tompi4py().allreduce(bool((self.local_flags == FLUID).any()),
                                              op=__import__("mpi4py").MPI.LOR):

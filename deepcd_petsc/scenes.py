@@ -7,7 +7,9 @@ Every scene is a pure function of (shape, seed), so all ranks build the same
 geometry without communication. Each generator also evaluates only the cells
 at given global indices (`axes`): a rank rasterises its own block plus the
 halo it needs (scene_block), never the whole grid, and gets the very values
-the whole-grid scene has there.
+the whole-grid scene has there. A 2D scene has nz = 1 and y points up:
+its top is y+, its obstacles are discs (_scene2d; its plane is built
+whole, then windowed).
 """
 import numpy as np
 
@@ -64,6 +66,35 @@ def _random_spheres(flags, rng, count, rmin, rmax, zmax=1.0, axes=None, shape=No
 
 def _empty(shape, axes):
     return np.zeros(tuple(len(a) for a in _axes(shape, axes)), np.int8)
+
+
+def _scene2d(name, shape, seed):
+    """The 2D version of a scene on (1, ny, nx): the same construction in
+    the (y, x) plane with y up (discs, rectangles, a wavy level in y)."""
+    rng = np.random.default_rng(seed)
+    flags = np.zeros(shape, np.int8)
+    _, ny, nx = shape
+    plane = flags[0]
+    if name == "smoke":
+        for _ in range(rng.integers(1, 4)):
+            lo = rng.uniform(0.1, 0.6, 2)
+            ext = rng.uniform(0.1, 0.3, 2)
+            plane[tuple(slice(int(a * n), max(int((a + e) * n), int(a * n) + 1))
+                        for a, e, n in zip(lo, ext, (ny, nx)))] = SOLID
+    elif name == "spheres":
+        for _ in range(rng.integers(4, 11)):
+            r = rng.uniform(0.06, 0.16)
+            _add_sphere(flags, (0.5, rng.uniform(0.15, 0.9), rng.uniform(0.15, 0.85)), r)
+    elif name == "liquid":
+        _, y, x = _centres(shape)
+        level = rng.uniform(0.45, 0.7)
+        amp, kx, ph = rng.uniform(0.02, 0.08), rng.integers(1, 4), rng.uniform(0, 2 * np.pi)
+        surface = level + amp * np.sin(2 * np.pi * kx * x + ph)
+        plane[y[:, None] > surface[None, :]] = AIR
+        for _ in range(rng.integers(2, 7)):
+            r = rng.uniform(0.05, 0.13)
+            _add_sphere(flags, (0.5, rng.uniform(0.15, level - 0.1), rng.uniform(0.15, 0.85)), r)
+    return flags, ({"y+"} if name != "box" else set())
 
 
 def box(shape, seed, axes=None):
@@ -126,6 +157,8 @@ def load_flags(path, shape, axes=None):
     `axes`: read (and check) only the cells at those global indices (z, y,
     x), from the memory map: a rank's block, never the whole file."""
     arr = load_npy(path, "flag file")
+    if arr.ndim == 2:
+        arr = arr[None]       # (ny, nx): a 2D grid
     if arr.ndim != 3:
         raise UserError(f"flag file {path!r} has {arr.ndim} dimensions; expected a 3D array of shape (nz, ny, nx)")
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
@@ -164,6 +197,8 @@ def make_flags(scene, shape, seed=0, flags_file=None, open_faces=None):
         if flags_file is None:
             raise UserError("scene 'file' needs --flags FILE.npy")
         flags, faces = load_flags(flags_file, shape), set()
+    elif shape[0] == 1:
+        flags, faces = _scene2d(scene, tuple(shape), seed)
     else:
         flags, faces = GENERATORS[scene](tuple(shape), seed)
     if open_faces is not None:
@@ -268,6 +303,10 @@ def scene_block(scene, shape, seed, box, flags_file=None, open_faces=None, halo=
         if flags_file is None:
             raise UserError("scene 'file' needs --flags FILE.npy")
         raw, faces = load_flags(flags_file, shape, axes), set()
+    elif shape[0] == 1:
+        # 2D: the plane is built whole (ny·nx int8 per rank), then windowed
+        whole, faces = _scene2d(scene, tuple(shape), seed)
+        raw = whole[np.ix_(*axes)]
     else:
         raw, faces = GENERATORS[scene](tuple(shape), seed, axes=axes)
     if open_faces is not None:

@@ -92,8 +92,9 @@ def mg_levels(problem, coarsest=4):
     """Levels for geometric multigrid: halve (Q0 coarsening) while every
     rank keeps at least 2 cells per direction and the grid stays >= coarsest."""
     levels = 1
-    sizes = [list(l) for l in problem.layout.l]
-    glob = list(problem.shape)
+    axes = [a for a, g in enumerate(problem.shape) if g > 1]      # 2D: not z
+    sizes = [list(problem.layout.l[a]) for a in axes]
+    glob = [problem.shape[a] for a in axes]
     while all(g % 2 == 0 and g // 2 >= coarsest for g in glob) and \
             all(all(s % 2 == 0 and s // 2 >= 2 for s in ls) for ls in sizes):
         glob = [g // 2 for g in glob]

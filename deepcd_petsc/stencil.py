@@ -25,6 +25,13 @@ FACE_NAMES = ("z-", "z+", "y-", "y+", "x-", "x+")
 NCOLOURS = 7
 
 
+def colours(flat):
+    """Probing colours: (i + 2j + 3k) mod 7 on a 3D grid; (i + 2j) mod 5
+    on a 2D one (nz = 1), where the 5 cells of a 5-point stencil get
+    c, c ± 1, c ± 2: two MatMults fewer."""
+    return 5 if flat else NCOLOURS
+
+
 class Stencil:
     """diag (D, H, W) and coef (6, D, H, W), float64, of one rank's block."""
 
@@ -206,10 +213,11 @@ def periodic_axes(da):
     return per[::-1]
 
 
-def _not_7_point(row, col, val):
-    return SetupError(f"the operator is not a 7-point stencil on the DMDA: row {row} "
+def _not_7_point(row, col, val, flat=False):
+    p = "5-point stencil on the 2D DMDA" if flat else "7-point stencil on the DMDA"
+    return SetupError(f"the operator is not a {p}: row {row} "
                       f"couples to column {col} (value {val:.3g}); DCDM's network "
-                      "reads 7-point operators only")
+                      "reads 5-point (2D) and 7-point (3D) operators only")
 
 
 class AIJRows:
@@ -264,7 +272,8 @@ class AIJRows:
                            + rr[matched], vv[matched])
             if not matched.all():
                 bad = np.flatnonzero(~matched)[0]
-                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad])
+                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad],
+                                    self.da.getSizes()[2] == 1)
         st = self.st.reshape((7,) + self.local)
         return Stencil(st[0], st[1:], periodic_axes(self.da))
 
@@ -337,24 +346,25 @@ def _from_aij_numpy(da, A, local):
     coef = -sums[:, :6].T
     if not matched.all():
         bad = np.flatnonzero(~matched)[0]
-        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad])
+        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad], da.getSizes()[2] == 1)
     return Stencil(diag.reshape(local), coef.reshape((6,) + tuple(local)), periodic_axes(da))
 
 
 def probe(da, A, local, check=True):
     """The stencil of a matrix-free operator (any Mat with mult) from 7
-    MatMults with colour vectors, plus one random check. Exact for any
-    7-point operator, since neighbours never share a colour. A periodic
-    axis whose length is not a multiple of 7 breaks that at the wrap: the
-    colouring is then repeated with that axis' seam moved to its middle
-    (st.matmults counts the MatMults)."""
+    MatMults with colour vectors (5 on a 2D grid), plus one random check.
+    Exact for any 7-point operator, since neighbours never share a colour.
+    A periodic axis whose length is not a multiple of the colour count
+    breaks that at the wrap: the colouring is then repeated with that axis'
+    seam moved to its middle (st.matmults counts the MatMults)."""
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
     idx = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe), indexing="ij")
     nx, ny, nz = da.getSizes()
     sizes = (nz, ny, nx)
-    mults = (3, 2, 1)
+    nc = colours(nz == 1)
+    mults = (3, 2, 1) if nc == NCOLOURS else (0, 2, 1)
     per = periodic_axes(da)
-    seams = [a for a in range(3) if per[a] and (sizes[a] * mults[a]) % NCOLOURS != 0]
+    seams = [a for a in range(3) if per[a] and (sizes[a] * mults[a]) % nc != 0]
     for a in seams:
         if sizes[a] < 4:
             raise SetupError(f"probing a matrix-free operator on a periodic DMDA needs the periodic "
@@ -377,19 +387,21 @@ def probe(da, A, local, check=True):
                 ok &= (pos[a] != 0) & (pos[a] != sizes[a] - 1)
             if not da.getComm().tompi4py().allreduce(bool(ok.any())):
                 continue
-            colour = sum(m * q for m, q in zip(mults, pos)) % NCOLOURS
-            for c in range(NCOLOURS):
+            colour = sum(m * q for m, q in zip(mults, pos)) % nc
+            for c in range(nc):
                 x.getArray()[...] = (colour == c).ravel().astype(float)
                 x.stateIncrease()
                 A.mult(x, y)
                 count += 1
                 ya = y.getArray(readonly=True).reshape(local)
-                # the 7 cells of a stencil differ in colour, so y(p) is diag(p)
+                # the cells of a stencil differ in colour, so y(p) is diag(p)
                 # where p has colour c, −coef_f(p) where nb_f(p) has it, else 0
                 own = ok & (colour == c)
                 diag[own] = ya[own]
                 for f, (axis, step) in enumerate(FACES):
-                    sel = ok & ((colour + step * mults[axis]) % NCOLOURS == c)
+                    if nc != NCOLOURS and axis == 0:
+                        continue          # 2D: no z neighbours (zeroed below)
+                    sel = ok & ((colour + step * mults[axis]) % nc == c)
                     coef[f][sel] = -ya[sel]
             done |= ok
         st = Stencil(diag, coef, per)
@@ -445,9 +457,10 @@ def _check_probe(da, A, st, x, y, local):
     err = comm.allreduce(float(np.abs(mine - ref).max(initial=0.0)), op=MPI.MAX)
     scale = comm.allreduce(float(np.abs(ref).max(initial=0.0)), op=MPI.MAX)
     if err > 1e-8 * max(scale, 1e-300):
-        raise SetupError(f"the matrix-free operator is not a 7-point stencil on the DMDA "
+        p = "5-point stencil on the 2D DMDA" if da.getSizes()[2] == 1 else "7-point stencil on the DMDA"
+        raise SetupError(f"the matrix-free operator is not a {p} "
                          f"(probing misses {err / max(scale, 1e-300):.2e} of A x for a random x); "
-                         "DCDM's network reads 7-point operators only")
+                         "DCDM's network reads 5-point (2D) and 7-point (3D) operators only")
 
 
 def from_flags(flags_local, pflags_local):

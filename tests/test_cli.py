@@ -154,7 +154,8 @@ def _bad_files(tmp_path):
 BAD = {
     "n3": ["--n", "3"],
     "n_abc": ["--n", "abc"],
-    "shape_2d": ["--shape", "4,4"],
+    "shape_1d": ["--shape", "8"],
+    "dim2_shape3": ["--dim", "2", "--shape", "8,8,8"],
     "scene_nope": ["--scene", "nope", "--n", "8"],
     "flags_wrong_shape": ["--flags", "{ok}", "--n", "9"],
     "flags_float": ["--flags", "{float}", "--n", "8"],

@@ -1,0 +1,214 @@
+"""DCDM and the network PC on 2D DMDAs (5-point operators): the flat 3D
+DMDA that carries a 2D one (same numbering), solves serially and under
+mpiexec on odd, non-square grids (the network's output and the iteration
+count equal to the serial ones), periodic axes, probed matrix-free
+operators, and one-line errors for what the network cannot read."""
+import numpy as np
+import pytest
+from petsc4py import PETSc
+
+from helpers import REPO, run_mpi, run_python
+
+from deepcd_petsc.context import flat_dmda
+from deepcd_petsc.errors import SetupError, error_message
+from deepcd_petsc.petsc_compat import set_dm_inactive
+
+CHECK_2D = REPO / "tests" / "mpi" / "check_2d.py"
+BT = PETSc.DM.BoundaryType
+
+
+def test_flat_dmda_numbers_cells_as_the_2d_one():
+    """Cell (i, j) has the same PETSc index in the 2D DMDA and its flat
+    3D one, for an uneven split chosen by hand (one process here: the
+    ownership ranges are what matters, tested under MPI below)."""
+    da = PETSc.DMDA().create(dim=2, sizes=(13, 7), dof=1, stencil_width=1,
+                             boundary_type=(BT.PERIODIC, BT.MIRROR),
+                             stencil_type=PETSc.DMDA.StencilType.STAR, comm=PETSc.COMM_SELF)
+    flat = flat_dmda(da)
+    try:
+        assert flat.getDim() == 3 and flat.getSizes() == (13, 7, 1)
+        assert flat.getRanges()[:2] == da.getRanges()
+        assert flat.getBoundaryType() == (BT.PERIODIC, BT.NONE, BT.NONE)
+        a2, a3 = da.getAO(), flat.getAO()
+        nat = np.arange(13 * 7, dtype=PETSc.IntType)
+        assert np.array_equal(a2.app2petsc(nat.copy()), a3.app2petsc(nat.copy()))
+    finally:
+        flat.destroy()
+        da.destroy()
+
+
+def _run(p, nx, ny, out, *opts):
+    args = [CHECK_2D, nx, ny, out, *opts]
+    r = run_python(args, timeout=240) if p == 1 else run_mpi(p, args, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return dict(np.load(out))
+
+
+# (grid, options, rank counts): odd and non-square grids; a periodic axis
+# must be divisible by its coarsening factors (40 = 8·5), a probed one by
+# the 5 colours
+CASES = [
+    ((45, 37), ("--jump",), (2, 3, 4, 6)),
+    ((40, 37), ("--periodic", "x"), (6,)),
+    ((32, 24), ("--periodic", "xy", "--jump"), (4,)),
+    ((45, 35), ("--shell", "--periodic", "y"), (3,)),
+    ((33, 50), ("--pc",), (3,)),
+]
+
+
+@pytest.mark.parametrize("grid,opts,ranks", CASES, ids=lambda c: "-".join(map(str, c))
+                         if isinstance(c, tuple) else str(c))
+def test_2d_distributed_equals_serial(grid, opts, ranks, tmp_path):
+    """The network's output f(b) on P ranks equals the serial one to
+    float32 rounding (in practice bit for bit), with the same iteration
+    count and a converged true residual."""
+    ref = _run(1, *grid, tmp_path / "serial.npz", *opts)
+    assert int(ref["reason"]) > 0 and float(ref["true_residual"]) <= 1e-6, ref
+    assert "5-point" in str(ref["path"]) and "2D DMDA" in str(ref["grid"]), ref
+    if "--shell" in opts:
+        assert "probed, 6 MatMults" in str(ref["path"])
+    scale = np.abs(ref["fb"]).max()
+    for p in ranks:
+        got = _run(p, *grid, tmp_path / f"np{p}.npz", *opts)
+        assert int(got["iterations"]) == int(ref["iterations"]), (p, got, ref)
+        assert np.abs(got["fb"] - ref["fb"]).max() <= 1e-6 * scale, p
+        assert float(got["true_residual"]) <= 1e-6, (p, got)
+
+
+def test_2d_few_iterations(tmp_path):
+    """On a plain 2D Poisson problem the shipped (3D-trained) network needs
+    few iterations (CG + Jacobi: ~150 here)."""
+    ref = _run(1, 96, 80, tmp_path / "s.npz")
+    assert int(ref["iterations"]) <= 9, ref
+
+
+# -- errors -------------------------------------------------------------------
+def _ksp(da, A):
+    import deepcd_petsc
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    ksp.setOperators(A)
+    ksp.setDM(da)
+    set_dm_inactive(ksp)
+    ksp.setType("python")
+    ksp.setPythonContext(deepcd_petsc.DCDM())
+    return ksp
+
+
+def _error(da, A):
+    ksp = _ksp(da, A)
+    b = A.createVecLeft()
+    b.set(1.0)
+    x = b.duplicate()
+    try:
+        with pytest.raises((SetupError, PETSc.Error)) as e:
+            ksp.solve(b, x)
+        return error_message(e.value)
+    finally:
+        ksp.destroy()
+        b.destroy()
+        x.destroy()
+
+
+def _laplacian(da, nine=False):
+    A = da.createMat()
+    A.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, False)
+    nx, ny = da.getSizes()[:2]
+    row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
+    offs = [(-1, 0), (1, 0), (0, -1), (0, 1)] + ([(1, 1)] if nine else [])
+    for j in range(ny):
+        for i in range(nx):
+            row.index = col.index = (i, j)
+            A.setValueStencil(row, col, 4.0)
+            for di, dj in offs:
+                if 0 <= i + di < nx and 0 <= j + dj < ny:
+                    col.index = (i + di, j + dj)
+                    A.setValueStencil(row, col, -0.5 if (di and dj) else -1.0)
+    A.assemble()
+    return A
+
+
+def test_2d_dof2_is_one_line():
+    da = PETSc.DMDA().create(dim=2, sizes=(8, 8), dof=2, stencil_width=1, comm=PETSc.COMM_SELF)
+    A = da.createMat()
+    A.shift(1.0)
+    try:
+        msg = _error(da, A)
+        assert "2D or 3D DMDA with dof 1" in msg and "dof 2" in msg, msg
+    finally:
+        A.destroy()
+        da.destroy()
+
+
+def test_9_point_2d_operator_is_one_line():
+    da = PETSc.DMDA().create(dim=2, sizes=(9, 7), dof=1, stencil_width=1,
+                             stencil_type=PETSc.DMDA.StencilType.BOX, comm=PETSc.COMM_SELF)
+    A = _laplacian(da, nine=True)
+    try:
+        msg = _error(da, A)
+        assert "not a 5-point stencil on the 2D DMDA" in msg and "\n" not in msg, msg
+    finally:
+        A.destroy()
+        da.destroy()
+
+
+def test_2d_grid_option_without_dmda():
+    """-ksp_dcdm_grid nx,ny: a 2D grid without a DMDA attached."""
+    import deepcd_petsc
+    da = PETSc.DMDA().create(dim=2, sizes=(24, 20), dof=1, stencil_width=1, comm=PETSc.COMM_SELF)
+    A = _laplacian(da)
+    b, x = A.createVecLeft(), A.createVecRight()
+    opts = PETSc.Options()
+    opts["g2_ksp_dcdm_grid"] = "24,20"
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    try:
+        ksp.setOperators(A)
+        ksp.setOptionsPrefix("g2_")
+        ksp.setType("python")
+        ksp.setPythonContext(deepcd_petsc.DCDM())
+        ksp.setTolerances(rtol=1e-6)
+        ksp.setFromOptions()
+        b.set(1.0)
+        x.set(0.0)
+        ksp.solve(b, x)
+        assert ksp.getConvergedReason() > 0 and ksp.getIterationNumber() <= 8
+        assert ksp.getPythonContext().evaluator.shape == (24, 20, 1)
+    finally:
+        del opts["g2_ksp_dcdm_grid"]
+        ksp.destroy()
+        for o in (A, b, x, da):
+            o.destroy()
+
+
+# -- the command line -----------------------------------------------------------
+DCDM_OPTS = ["-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_rtol", "1e-6"]
+
+
+def _json(r):
+    import json
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("scene", ["spheres", "liquid", "periodic"])
+def test_cli_solve_dim2(scene):
+    """deepcd solve --dim 2: the 2D scenes on a 2D DMDA, few iterations."""
+    from helpers import run_cli
+    out = _json(run_cli(["solve", "--dim", "2", "--n", "64", "--scene", scene, "--json", *DCDM_OPTS]))
+    assert out["reason"] == "CONVERGED_RTOL" and out["true_residual"] <= 1e-6, out
+    assert out["iterations"] <= 12, out
+
+
+def test_cli_solve_shape2_distributed_same_iterations():
+    """--shape NX,NY is a 2D grid; 3 ranks take the serial iteration count."""
+    from helpers import run_cli, run_cli_mpi
+    args = ["solve", "--shape", "45,38", "--scene", "smoke", "--json", *DCDM_OPTS]
+    one, three = _json(run_cli(args)), _json(run_cli_mpi(3, args))
+    assert one["iterations"] == three["iterations"] and three["ranks"] == 3, (one, three)
+
+
+def test_cli_bench_dim2(tmp_path):
+    from helpers import run_cli
+    r = run_cli(["bench", "--dim", "2", "--sizes", "32", "--scenes", "spheres", "--solvers", "dcdm,cg",
+                 "--repeats", "1", "--out", tmp_path])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "32^2 dcdm" in r.stdout and "CONVERGED_RTOL" in r.stdout, r.stdout
