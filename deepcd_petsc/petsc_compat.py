@@ -36,8 +36,14 @@ def finalize_before_teardown():
     if _finalize_registered:
         return
     _finalize_registered = True
+    import sys
     import petsc4py
     if tuple(int(v) for v in petsc4py.__version__.split(".")[:2]) >= (3, 19):
+        return
+    # only where Python is the program (petsc4py initialized PETSc): in a C
+    # code's -python interpreter (sys.orig_argv empty) PetscFinalize runs
+    # this very atexit from inside itself
+    if not getattr(sys, "orig_argv", None):
         return
 
     def finalize():
