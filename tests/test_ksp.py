@@ -386,8 +386,11 @@ def test_error_grid_mismatch(problems):
 
 
 def test_error_bad_grid_option(problems):
-    msg = _setup_error(problems("spheres").A, dict(DCDM, ksp_dcdm_grid="16,16"))
+    msg = _setup_error(problems("spheres").A, dict(DCDM, ksp_dcdm_grid="16"))
     assert "nx,ny,nz" in msg, msg
+    # nx,ny is a 2D grid: here one of the wrong size
+    msg = _setup_error(problems("spheres").A, dict(DCDM, ksp_dcdm_grid="16,16"))
+    assert "grid mismatch" in msg and "16x16x1" in msg, msg
 
 
 def test_nan_rhs(problems):

@@ -201,12 +201,13 @@ LEFT_ALIVE = textwrap.dedent('''
     petsc4py.init([])
     from petsc4py import PETSc
     import deepcd_petsc
+    from deepcd_petsc.petsc_compat import set_dm_inactive
     from deepcd_petsc.problem import Problem
     p = Problem.from_scene("spheres", (12, 12, 12), seed=1)
     ksp = PETSc.KSP().create(p.A.getComm())
     ksp.setOperators(p.A)
     ksp.setDM(p.da)
-    ksp.setDMActive(False)
+    set_dm_inactive(ksp)
     ksp.setType("python")
     ksp.setPythonContext(deepcd_petsc.DCDM() if sys.argv[1] == "ksp" else None)
     if sys.argv[1] == "pc":
