@@ -658,3 +658,23 @@ def test_split_stencil_equals_serial(size):
     from deepcd_petsc import kernels
     if kernels.load() is not None:
         assert all(l.endswith(" C") for l in cases), r.stdout
+
+
+@pytest.mark.parametrize("shape,matmults", [((15, 11, 1), 6), ((13, 11, 1), 11)])
+def test_probe_2d_periodic_any_length(shape, matmults):
+    """2D: 5 colours, (i + 2j) mod 5; a periodic x of a length off the
+    multiples of 5 is read again with the seam moved."""
+    from deepcd_petsc.layout import flat_dmda
+    p = problem("periodic", shape)
+    da = flat_dmda(p.da)
+    local = local_shape(da)
+    ref = stencil.from_aij(da, p.A, local)
+    M = shell_of(p.A)
+    st = stencil.probe(da, M, local)
+    M.destroy()
+    da.destroy()
+    scale = np.abs(ref.coef).max()
+    assert np.abs(st.diag - ref.diag).max() <= 1e-12 * scale
+    assert np.abs(st.coef - ref.coef).max() <= 1e-12 * scale
+    assert st.periodic == ref.periodic == (False, False, True)
+    assert st.matmults == matmults
