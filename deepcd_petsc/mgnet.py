@@ -61,6 +61,11 @@ def gather_level(level_cells):
 # by one precomputed dense matrix (the smoother is linear in b): one matvec
 # instead of 2·coarse_its − 1 stencils of a few cells, whose cost is Python.
 DENSE_CELLS = 1024
+# A coefficient level's coarsest is solved by its inverse up to this many
+# cells: where the level cap stops the hierarchy above DENSE_CELLS (4096²
+# in 2D bottoms out at 64²), 16 smoothing steps there took 66 iterations
+# instead of 9. The inverse is 128 MB of float64 at this size.
+DENSE_INVERSE_CELLS = 4096
 BOTTOM_BATCH = 64      # unit vectors per smoother pass when building it
 
 # the 7-point stencil: centre, then (axis, step) for the six faces
@@ -563,7 +568,8 @@ class MGNet(nn.Module):
                "halo": mh, "plan": plan}
         bottom = levels[-1]
         cells = math.prod(bottom["fluid"].shape[-3:])
-        if (geo["halo"] is None or bottom["gathered"]) and cells <= DENSE_CELLS \
+        limit = DENSE_INVERSE_CELLS if "coef" in bottom else DENSE_CELLS
+        if (geo["halo"] is None or bottom["gathered"]) and cells <= limit \
                 and bottom["fluid"].shape[0] == 1 and not torch.is_grad_enabled():
             bottom["dense"] = (self._bottom_inverse(bottom, wrap) if "coef" in bottom
                                else self._bottom_matrix(bottom))

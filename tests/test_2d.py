@@ -212,3 +212,18 @@ def test_cli_bench_dim2(tmp_path):
                  "--repeats", "1", "--out", tmp_path])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "32^2 dcdm" in r.stdout and "CONVERGED_RTOL" in r.stdout, r.stdout
+
+
+def test_capped_hierarchy_solves_its_bottom_exactly():
+    """A coefficient hierarchy stopped above DENSE_CELLS by the level cap
+    (4096² in 2D bottoms out at 64²; here -ksp_dcdm_levels 2 at 128²)
+    solves its 4096-cell coarsest level by its inverse: 5 iterations, 32
+    with 16 smoothing steps there (66 against 9 at 4096²)."""
+    from helpers import run_cli
+    r = run_cli(["solve", "--dim", "2", "--scene", "spheres", "--n", "128", "--seed", "1",
+                 "-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM",
+                 "-ksp_dcdm_levels", "2", "--json"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["iterations"] <= 8, res
