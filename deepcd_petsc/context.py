@@ -9,7 +9,7 @@ import time
 import numpy as np
 from petsc4py import PETSc
 
-from .errors import SetupError
+from .errors import SetupError, raise_on_all
 from .layout import flat_dmda  # noqa: F401 (re-exported)
 from .scenes import AIR, FLUID, SOLID
 
@@ -348,9 +348,7 @@ class NetworkContext:
                 st = stencil.from_aij(da, A, local)
         except SetupError as e:
             err = str(e)
-        errs = [e for e in comm.allgather(err) if e]
-        if errs:
-            raise SetupError(errs[0])
+        raise_on_all(comm, err)
         points = "5-point" if flat else "7-point"
         if aij and not flat:     # (2D: always the coefficients, see _flat_stencil)
             s = st.unit_scale(flags, dirichlet, _ghosted(da, flags))
@@ -513,9 +511,7 @@ def _user_block(da, arr, what, lead):
         err = (f"{what}: an array of shape {arr.shape} on rank {da.getComm().getRank()} is neither "
                f"the grid {lead + (nz, ny, nx)} nor this rank's block {lead + local} "
                f"(z {zs}:{ze}, y {ys}:{ye}, x {xs}:{xe}, the DMDA's ownership range)")
-    errs = [e for e in da.getComm().tompi4py().allgather(err) if e]
-    if errs:
-        raise SetupError(errs[0])
+    raise_on_all(da.getComm().tompi4py(), err)
     return np.ascontiguousarray(block), form
 
 
@@ -643,9 +639,7 @@ def _given(obj, arr, what, check):
         check(vals)
     except SetupError as e:
         err = str(e)
-    errs = [e for e in obj.getComm().tompi4py().allgather(err) if e]
-    if errs:
-        raise SetupError(errs[0])
+    raise_on_all(obj.getComm().tompi4py(), err)
     return out
 
 

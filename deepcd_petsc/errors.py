@@ -142,3 +142,12 @@ def petsc_message(err):
         lines.append(line)
     msg = "; ".join(dict.fromkeys(lines))
     return msg or f"PETSc error code {getattr(err, 'ierr', err)}"
+
+
+def raise_on_all(comm, err, cls=SetupError):
+    """Raise cls(first message) on every rank of the mpi4py `comm` when any
+    rank has one (`err`: this rank's message or None), so that none waits
+    in a collective the others left."""
+    errs = [e for e in comm.allgather(err) if e]
+    if errs:
+        raise cls(errs[0])

@@ -441,15 +441,13 @@ def _world():
 def _collective(comm, fn, *args):
     """fn(*args) on every rank; an error on one rank is raised on all (with
     its message), so that none waits in a collective the others left."""
-    from mpi4py import MPI
+    from .errors import raise_on_all
     err, out = None, None
     try:
         out = fn(*args)
     except UserError as e:
         err = str(e)
-    errs = comm.tompi4py().allgather(err)
-    if any(errs):
-        raise UserError(next(e for e in errs if e))
+    raise_on_all(comm.tompi4py(), err, UserError)
     return out
 
 

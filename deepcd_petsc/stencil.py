@@ -25,11 +25,16 @@ FACE_NAMES = ("z-", "z+", "y-", "y+", "x-", "x+")
 NCOLOURS = 7
 
 
-def colours(flat):
-    """Probing colours: (i + 2j + 3k) mod 7 on a 3D grid; (i + 2j) mod 5
-    on a 2D one (nz = 1), where the 5 cells of a 5-point stencil get
-    c, c ± 1, c ± 2: two MatMults fewer."""
-    return 5 if flat else NCOLOURS
+def _colouring(flat):
+    """(colours, (z, y, x) multipliers) of probing: (i + 2j + 3k) mod 7 on a
+    3D grid; (i + 2j) mod 5 on a 2D one (nz = 1), where the 5 cells of a
+    5-point stencil get c, c ± 1, c ± 2: two MatMults fewer."""
+    return (5, (0, 2, 1)) if flat else (NCOLOURS, (3, 2, 1))
+
+
+def _stencil_name(da):
+    return ("5-point stencil on the 2D DMDA" if da.getSizes()[2] == 1
+            else "7-point stencil on the DMDA")
 
 
 class Stencil:
@@ -213,9 +218,8 @@ def periodic_axes(da):
     return per[::-1]
 
 
-def _not_7_point(row, col, val, flat=False):
-    p = "5-point stencil on the 2D DMDA" if flat else "7-point stencil on the DMDA"
-    return SetupError(f"the operator is not a {p}: row {row} "
+def _not_7_point(da, row, col, val):
+    return SetupError(f"the operator is not a {_stencil_name(da)}: row {row} "
                       f"couples to column {col} (value {val:.3g}); DCDM's network "
                       "reads 5-point (2D) and 7-point (3D) operators only")
 
@@ -272,8 +276,7 @@ class AIJRows:
                            + rr[matched], vv[matched])
             if not matched.all():
                 bad = np.flatnonzero(~matched)[0]
-                return _not_7_point(self.lo + rr[bad], cc[bad], vv[bad],
-                                    self.da.getSizes()[2] == 1)
+                return _not_7_point(self.da, self.lo + rr[bad], cc[bad], vv[bad])
         st = self.st.reshape((7,) + self.local)
         return Stencil(st[0], st[1:], periodic_axes(self.da))
 
@@ -346,7 +349,7 @@ def _from_aij_numpy(da, A, local):
     coef = -sums[:, :6].T
     if not matched.all():
         bad = np.flatnonzero(~matched)[0]
-        raise _not_7_point(lo + rows[bad], cols[bad], vals[bad], da.getSizes()[2] == 1)
+        raise _not_7_point(da, lo + rows[bad], cols[bad], vals[bad])
     return Stencil(diag.reshape(local), coef.reshape((6,) + tuple(local)), periodic_axes(da))
 
 
@@ -361,8 +364,7 @@ def probe(da, A, local, check=True):
     idx = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe), indexing="ij")
     nx, ny, nz = da.getSizes()
     sizes = (nz, ny, nx)
-    nc = colours(nz == 1)
-    mults = (3, 2, 1) if nc == NCOLOURS else (0, 2, 1)
+    nc, mults = _colouring(nz == 1)
     per = periodic_axes(da)
     seams = [a for a in range(3) if per[a] and (sizes[a] * mults[a]) % nc != 0]
     for a in seams:
@@ -399,7 +401,7 @@ def probe(da, A, local, check=True):
                 own = ok & (colour == c)
                 diag[own] = ya[own]
                 for f, (axis, step) in enumerate(FACES):
-                    if nc != NCOLOURS and axis == 0:
+                    if mults[axis] == 0:
                         continue          # 2D: no z neighbours (zeroed below)
                     sel = ok & ((colour + step * mults[axis]) % nc == c)
                     coef[f][sel] = -ya[sel]
@@ -457,8 +459,7 @@ def _check_probe(da, A, st, x, y, local):
     err = comm.allreduce(float(np.abs(mine - ref).max(initial=0.0)), op=MPI.MAX)
     scale = comm.allreduce(float(np.abs(ref).max(initial=0.0)), op=MPI.MAX)
     if err > 1e-8 * max(scale, 1e-300):
-        p = "5-point stencil on the 2D DMDA" if da.getSizes()[2] == 1 else "7-point stencil on the DMDA"
-        raise SetupError(f"the matrix-free operator is not a {p} "
+        raise SetupError(f"the matrix-free operator is not a {_stencil_name(da)} "
                          f"(probing misses {err / max(scale, 1e-300):.2e} of A x for a random x); "
                          "DCDM's network reads 5-point (2D) and 7-point (3D) operators only")
 
