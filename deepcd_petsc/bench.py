@@ -86,14 +86,16 @@ def unavailable_solvers(solvers, comm=None):
 
 
 def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
-          threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None, dim=3):
+          threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None, dim=3,
+          on_row=None):
     """List of result rows, one per (scene, size, solver): medians over
     `repeats` of set-up and solve time; the first repeat is a warm-up when
     repeats > 1 (imports, model load, caches). Solvers this PETSc build
     lacks are left out, logged, and added to `skipped` ({name: why}).
     solves > 1: each run is a sequence of that many solves with one KSP
     (fresh right-hand sides; a new geometry every `change_every` solves),
-    rows as repeated_row() describes."""
+    rows as repeated_row() describes. `on_row(rows)` after each row: the
+    caller keeps what is done if the run is interrupted."""
     from petsc4py import PETSc
     from .problem import Problem
     comm = PETSc.COMM_WORLD
@@ -124,6 +126,8 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
                 row.update(scene=scene, n=n, solver=name, seed=seed, assembly_s=assembly, dim=dim)
                 rows.append(row)
                 log(_log_line(row))
+                if on_row is not None:
+                    on_row(rows)
             problem.destroy()
     return rows
 
@@ -283,16 +287,21 @@ def _results_table(rows):
     return [markdown_table(rows, COLUMNS, HEADERS), ""]
 
 
-def write_report(rows, info, out_dir, command, unavailable=None):
+def write_report(rows, info, out_dir, command, unavailable=None, plots=True, interrupted=False):
+    """bench.json, bench.md and (with `plots`) the PNGs; rewritten after
+    every row, so an interrupted run keeps its finished rows."""
     os.makedirs(out_dir, exist_ok=True)
     unavailable = dict(unavailable or {})
     best = best_classical(rows)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump({"machine": info, "command": command, "results": rows,
-                   "best_classical": best, "unavailable": unavailable}, f, indent=1)
+                   "best_classical": best, "unavailable": unavailable,
+                   **({"interrupted": True} if interrupted else {})}, f, indent=1)
     lines = [f"Command: `{command}`", "",
              f"Machine: {info['cpu']}, {info['ranks']} rank(s) x {info['torch_threads']} torch thread(s), "
              f"PETSc {info['petsc']}, torch {info['torch']}, {info['date']}", ""]
+    if interrupted:
+        lines += ["Interrupted: the rows finished before the interrupt.", ""]
     lines += _results_table(rows)
     if best:
         lines += ["DCDM against the fastest classical solver:", "",
@@ -310,7 +319,7 @@ def write_report(rows, info, out_dir, command, unavailable=None):
                   markdown_table(br, ["scene", "n"] + keys), ""]
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(lines))
-    plots = plot(rows, out_dir) if any(r.get("history") for r in rows) else []
+    plots = plot(rows, out_dir) if plots and any(r.get("history") for r in rows) else []
     return "\n".join(lines), plots
 
 

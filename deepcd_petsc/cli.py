@@ -73,7 +73,10 @@ def build_parser():
                         "check DIR is trusted and print the DEEPCD_KERNEL_DIR line")
     t = sub.add_parser("train", help="train a DCDM network (unsupervised, Lanczos Ritz data)")
     t.add_argument("--out", required=True, help="checkpoint to write (.pt); also writes .png loss plot and .md card")
-    t.add_argument("--n", default="32", help="training grid size(s), comma list, e.g. 32,48")
+    t.add_argument("--n", default="32", help="training grid size(s) N (N³ grids), comma list, e.g. "
+                                             "32,48; empty ('') with --n2d for a 2D-only model")
+    t.add_argument("--n2d", default="", help="also 2D N×N training grids (the scenes' 2D versions, "
+                                              "5-point operators), comma list, e.g. 64,128")
     t.add_argument("--scenes", default="spheres,smoke,liquid,box",
                    help="training scenes, comma list (flag scenes and operator families)")
     t.add_argument("--geometries", default="4", help="random geometries per scene and size (one count, or one per size)")
@@ -91,12 +94,16 @@ def build_parser():
     t.add_argument("--arch", default="vcycle", choices=["vcycle", "unet"],
                    help="network: the V-cycle network (default) or the U-Net of the first releases")
     t.add_argument("--channels", help="U-Net only: channels per level, finest first, e.g. 4,8,16,16,16")
-    t.add_argument("--eval-sizes", default="32,64", help="sizes for the model card's evaluation")
+    t.add_argument("--eval-sizes", default="32,64", help="N³ sizes for the model card's evaluation")
+    t.add_argument("--eval-sizes-2d", help="N² sizes for the model card's evaluation "
+                                           "(default 128 when training with --n2d, else none)")
     t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
     e = sub.add_parser("evaluate", help="DCDM vs CG iterations with a model (torch, no PETSc)")
     e.add_argument("--model", help="checkpoint (default: the shipped model)")
     e.add_argument("--scenes", default="spheres,smoke,liquid", help="scenes, comma list")
-    e.add_argument("--sizes", default="32,64", help="cubic grid sizes N, comma list")
+    e.add_argument("--sizes", default="32,64", help="grid sizes N (N³, or N² with --dim 2), comma list")
+    e.add_argument("--dim", type=int, default=3, choices=[2, 3],
+                   help="2: N×N grids (the scenes' 2D versions, 5-point operators)")
     e.add_argument("--seeds", default="1,2", help="geometry seeds, comma list (the shipped model "
                                                  "was trained on 1000-1002)")
     e.add_argument("--rtol", type=float, default=1e-6, help="relative residual tolerance")
@@ -346,8 +353,9 @@ def cmd_train(a, petsc_args):
         torch.set_num_threads(a.threads)
     from .memory import tune_malloc
     tune_malloc()
-    sizes = _ints(a.n, "--n")
-    if min(sizes) < 8:
+    sizes = _ints(a.n, "--n") if a.n.strip() or not a.n2d.strip() else []
+    sizes2 = _ints(a.n2d, "--n2d") if a.n2d.strip() else []
+    if min(sizes + sizes2) < 8:
         raise UserError("training sizes must be >= 8")
     config = dict(DEFAULT_MG_CONFIG) if a.arch == "vcycle" else dict(DEFAULT_CONFIG)
     if a.channels and a.arch != "unet":
@@ -356,7 +364,8 @@ def cmd_train(a, petsc_args):
         config["channels"] = _ints(a.channels, "--channels")
     _flags_only_check(a.arch == "unet" and not a.init, _scenes(a.scenes))
     try:
-        net, meta = train(a.out, n=sizes if len(sizes) > 1 else sizes[0], scenes=_scenes(a.scenes),
+        net, meta = train(a.out, n=(sizes if len(sizes) != 1 else sizes[0]) if sizes else None,
+                          n2d=sizes2, scenes=_scenes(a.scenes),
                           steps=a.steps, time_budget=a.time_budget, seed=a.seed,
                           lanczos=_int_or_list(a.lanczos, "--lanczos"),
                           geometries=_int_or_list(a.geometries, "--geometries"), batch=a.batch,
@@ -370,7 +379,11 @@ def cmd_train(a, petsc_args):
     base = os.path.splitext(a.out)[0]
     loss_plot(meta["losses"], base + ".png")
     net = net.to("cpu").eval()
-    rows = evaluate(net, ["spheres", "smoke", "liquid"], _ints(a.eval_sizes, "--eval-sizes"), [1])
+    rows = evaluate(net, ["spheres", "smoke", "liquid"], _ints(a.eval_sizes, "--eval-sizes"), [1]) \
+        if a.eval_sizes.strip() else []
+    ev2 = a.eval_sizes_2d if a.eval_sizes_2d is not None else ("128" if meta.get("n2d") else "")
+    if ev2.strip():
+        rows += evaluate(net, ["spheres", "smoke", "liquid"], _ints(ev2, "--eval-sizes-2d"), [1], dim=2)
     cmd = "deepcd " + " ".join(sys.argv[1:])
     write_model_card(base + ".md", a.out, meta, rows, cmd)
     print(f"wrote {base}.png and {base}.md")
@@ -398,12 +411,12 @@ def cmd_evaluate(a, petsc_args):
     _flags_only_check(not isinstance(net, MGNet), _scenes(a.scenes))
 
     def show(row):
-        print(f"  {row['scene']:8s} n={row['n']:4d} seed={row['seed']}: DCDM {row['dcdm']}"
+        print(f"  {row['scene']:8s} {row['grid']:>6s} seed={row['seed']}: DCDM {row['dcdm']}"
               + (f", CG {row['cg']}, CG+Jacobi {row['cg_jacobi']}" if "cg" in row else ""), flush=True)
     rows = evaluate(net, _scenes(a.scenes), sizes, _ints(a.seeds, "--seeds"), a.rtol, a.maxit,
                     device, DTYPES[a.dtype], baselines=not a.no_baselines, progress=show,
-                    **({"northo": a.northo} if a.northo is not None else {}))
-    cols = ["scene", "n", "seed", "dcdm", "dcdm_s"] + ([] if a.no_baselines else ["cg", "cg_jacobi"])
+                    dim=a.dim, **({"northo": a.northo} if a.northo is not None else {}))
+    cols = ["scene", "grid", "seed", "dcdm", "dcdm_s"] + ([] if a.no_baselines else ["cg", "cg_jacobi"])
     print(markdown_table(rows, cols))
     if a.json:
         print(json.dumps(rows))
@@ -440,16 +453,36 @@ def cmd_bench(a, petsc_args):
     tune_malloc()      # before any solver, so all run under the same allocator settings
     rank = PETSc.COMM_WORLD.getRank()
     skipped = {}
-    rows = bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
-                 a.rtol, a.model, a.threads, a.northo,
-                 log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
-                 skipped=skipped, solves=a.solves, change_every=a.change_every, dim=a.dim)
+    cmd = "deepcd " + " ".join(sys.argv[1:])
+    size = PETSc.COMM_WORLD.getSize()
+    if size > 1:
+        cmd = f"mpiexec -n {size} " + cmd
+    info = machine_info(PETSc.COMM_WORLD)
+    done = []
+
+    def keep(rows):
+        # after every row: an interrupted or failed run keeps what it measured
+        done[:] = rows
+        if rank == 0:
+            write_report(rows, info, a.out, cmd, skipped, plots=False)
+
+    try:
+        bench(_scenes(a.scenes), _ints(a.sizes, "--sizes"), solvers, a.seed, a.repeats,
+              a.rtol, a.model, a.threads, a.northo,
+              log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
+              skipped=skipped, solves=a.solves, change_every=a.change_every, dim=a.dim,
+              on_row=keep)
+    except BaseException as e:      # an interrupt inside DCDM comes as a PETSc.Error
+        from .errors import original_error
+        if not isinstance(original_error(e), KeyboardInterrupt):
+            raise
+        if rank == 0:
+            write_report(done, info, a.out, cmd, skipped, interrupted=True)
+            print(f"interrupted: kept the {len(done)} finished row(s) in {a.out}/bench.json and bench.md",
+                  file=sys.stderr)
+        return 130
     if rank == 0:
-        cmd = "deepcd " + " ".join(sys.argv[1:])
-        size = PETSc.COMM_WORLD.getSize()
-        if size > 1:
-            cmd = f"mpiexec -n {size} " + cmd
-        text, plots = write_report(rows, machine_info(PETSc.COMM_WORLD), a.out, cmd, skipped)
+        text, plots = write_report(done, info, a.out, cmd, skipped)
         print(text)
         print(f"wrote {a.out}/bench.json, bench.md and {len(plots)} plot(s)")
     return 0

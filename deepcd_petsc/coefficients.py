@@ -114,12 +114,7 @@ def family(name, shape, seed, contrast=None, axes=None, allmax=float):
     rng = np.random.default_rng([seed, 4242])
     nz, ny, nx = shape
     if nz == 1:
-        # 2D: the plane is built whole (per rank), then windowed to `axes`
-        flags, faces, coef = _family2d(name, shape, rng, contrast)
-        if axes is not None:
-            ix = np.ix_(*axes)
-            flags, coef.k = flags[ix], coef.k[ix]
-        return flags, faces, coef
+        return _family2d(name, shape, rng, contrast, axes, allmax)
     flags = _empty(shape, axes)
     k = np.ones(flags.shape)
     hz, hy, hx = np.ones(nz), np.ones(ny), np.ones(nx)
@@ -152,23 +147,25 @@ def family(name, shape, seed, contrast=None, axes=None, allmax=float):
     return flags, {"z+"}, Coefficients(k, hz, hy, hx, periodic)
 
 
-def _family2d(name, shape, rng, contrast):
+def _family2d(name, shape, rng, contrast, axes=None, allmax=float):
     """The 2D version of a family on (1, ny, nx), y up (open top y+): the
-    strong or graded axis is y, the periodic one x, obstacles are discs."""
+    strong or graded axis is y, the periodic one x, obstacles are discs;
+    at the cells of `axes` as in 3D."""
+    from .scenes import _empty
     _, ny, nx = shape
-    flags = np.zeros(shape, np.int8)
-    k = np.ones(shape)
+    flags = _empty(shape, axes)
+    k = np.ones(flags.shape)
     hy, hx = np.ones(ny), np.ones(nx)
     periodic = (False, False, False)
     if name == "density":
         ratio = 1000.0 if contrast is None else float(contrast)
-        bubbles = np.zeros(shape, np.int8)
+        bubbles = _empty(shape, axes)
         for _ in range(rng.integers(4, 12)):
-            _add_sphere(bubbles, (0.5, *rng.uniform(0.15, 0.85, 2)), rng.uniform(0.06, 0.16))
+            _add_sphere(bubbles, (0.5, *rng.uniform(0.15, 0.85, 2)), rng.uniform(0.06, 0.16), axes, shape)
         k = np.where(bubbles == 1, ratio, 1.0)
     elif name == "perm":
         decades = 4.0 if contrast is None else float(contrast)
-        k = 10.0 ** (0.5 * decades * _smooth_field(shape, rng))
+        k = 10.0 ** (0.5 * decades * _smooth_field(shape, rng, axes=axes, allmax=allmax))
     elif name == "aniso":
         hy = np.full(ny, 1.0 / (4.0 if contrast is None else float(contrast)))
     elif name == "stretch":
@@ -177,7 +174,7 @@ def _family2d(name, shape, rng, contrast):
         periodic = (False, False, True)
         for _ in range(rng.integers(3, 8)):
             _add_sphere(flags, (0.5, rng.uniform(0.15, 0.7), rng.uniform(0, 1)),
-                        rng.uniform(0.06, 0.14))
+                        rng.uniform(0.06, 0.14), axes, shape)
     else:
         raise ValueError(name)
     return flags, {"y+"}, Coefficients(k, np.ones(1), hy, hx, periodic)
@@ -185,12 +182,18 @@ def _family2d(name, shape, rng, contrast):
 
 def scene_operator(scene, shape, seed):
     """(flags, open faces, whole-grid stencil.Stencil or None) of a flag
-    scene or an operator family, for torch-only use (training, evaluate)."""
-    from .scenes import make_flags, remove_isolated_fluid
+    scene or an operator family, for torch-only use (training, evaluate).
+    A 2D flag scene gets its flags' unit stencil, as DCDM gives a 2D DMDA
+    (context._flat_stencil: Galerkin coarse levels), so that training and
+    evaluation see the network PETSc runs."""
+    from .scenes import make_flags, padded, remove_isolated_fluid
     if scene in FAMILIES:
         from .stencil import from_coefficients
         flags, faces, coef = family(scene, shape, seed)
         flags = remove_isolated_fluid(flags, faces, coef.periodic)
         return flags, faces, from_coefficients(flags, faces, coef)
     flags, faces = make_flags(scene, shape, seed)
+    if shape[0] == 1:
+        from .stencil import from_flags
+        return flags, faces, from_flags(flags, padded(flags, faces))
     return flags, faces, None

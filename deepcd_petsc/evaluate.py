@@ -102,20 +102,22 @@ def cg(system, rtol=1e-6, maxit=5000, jacobi=False):
 
 
 def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
-             dtype=torch.float32, baselines=True, progress=None, northo=DEFAULT_NORTHO):
-    """Rows of {scene, n, seed, dcdm, cg, cg_jacobi, dcdm_s} iteration counts."""
+             dtype=torch.float32, baselines=True, progress=None, northo=DEFAULT_NORTHO, dim=3):
+    """Rows of {scene, n, dim, seed, dcdm, cg, cg_jacobi, dcdm_s} iteration
+    counts on N³ grids, or N² with dim=2 (the scenes' 2D versions)."""
     rows = []
     for n in sizes:
         for scene in scenes:
             for seed in seeds:
-                s = TorchSystem(scene, (n, n, n), seed, device)
+                s = TorchSystem(scene, (n, n, n if dim == 3 else 1), seed, device)
                 with torch.inference_mode():
                     kw = {} if s.stencil is None else s.stencil.network_kw()
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
                                       dtype=dtype, device=device, **kw)
                 t = time.perf_counter()
                 its, hist = dcdm(s, net, geo, rtol, maxit, northo=northo, dtype=dtype)
-                row = {"scene": scene, "n": n, "seed": seed, "dcdm": its,
+                row = {"scene": scene, "n": n, "dim": dim, "grid": f"{n}{'³' if dim == 3 else '²'}",
+                       "seed": seed, "dcdm": its,
                        "dcdm_final": hist[-1], "dcdm_s": time.perf_counter() - t}
                 if hist[-1] > rtol:
                     row["dcdm"] = f">{its}"

@@ -23,6 +23,32 @@ def _split(units, parts):
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
+def level_padding(shape, plan, gather=None):
+    """(g, fine, coarse): how a grid of `shape` (z, y, x) is padded for a
+    coarsening `plan` ((fz, fy, fx) per level). Without a gathered level
+    (g None) the fine grid is padded to the product of all factors. With
+    one, the fine grid is padded only to the divisors of level g (what the
+    blocks align to), and level g, which every rank holds whole, to the
+    factors of the levels below it (`coarse`, level g's padded shape): the
+    padding then costs cells of a ≤ 32³ level, not a slab of the fine grid
+    on the last rank of each axis (120³ on 27 ranks: the corner rank's
+    block was 48³ instead of 40³). `gather`: mgnet.gather_level, decided on
+    the fully padded grid's level sizes."""
+    shape = tuple(int(s) for s in shape)
+    divs = [(1, 1, 1)]
+    for f in plan:
+        divs.append(tuple(d * k for d, k in zip(divs[-1], f)))
+    full = tuple(-(-n // m) * m for n, m in zip(shape, divs[-1]))
+    g = None if gather is None else gather(
+        [int(np.prod([n // d for n, d in zip(full, div)])) for div in divs])
+    if g is None:
+        return None, full, None
+    fine = tuple(-(-n // m) * m for n, m in zip(shape, divs[g]))
+    below = tuple(m // d for m, d in zip(divs[-1], divs[g]))
+    coarse = tuple(-(-(n // d) // b) * b for n, d, b in zip(fine, divs[g], below))
+    return g, fine, coarse
+
+
 class Decomposition:
     """Px×Py×Pz blocks over the grid padded to `multiple`; ranks beyond
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
@@ -39,9 +65,10 @@ class Decomposition:
         are multiples of the alignment: no padding there). `gather`: the
         network's rule (mgnet.gather_level) for the first level computed
         whole on every rank; blocks then align only to that level's
-        divisors, not to the coarsest level's: the grid is still padded as
-        serially, but a DMDA split such as 40³ per rank stays the blocks
-        (instead of 48/32 for alignment 16), and more ranks hold one."""
+        divisors, not to the coarsest level's, and the grid is padded only
+        to them (level_padding, as serially): a DMDA split such as 40³ per
+        rank stays the blocks (instead of 48/32 for alignment 16), and more
+        ranks hold one."""
         self.shape = tuple(int(s) for s in shape_xyz)
         self.periodic = tuple(bool(p) for p in periodic)
         if plan is None:
@@ -56,16 +83,15 @@ class Decomposition:
         for n, per, m in zip(self.shape, self.periodic, self.multiples):
             if per and n % m:
                 raise ValueError(f"periodic axis of {n} cells is not a multiple of {m}")
-        units = [-(-s // m) for s, m in zip(self.shape, self.multiples)]
-        self.padded = tuple(u * m for u, m in zip(units, self.multiples))
-        self.gather_from = None if gather is None else gather(
-            [int(np.prod([n // d for n, d in zip(reversed(self.padded), div)]))
-             for div in self.divisors])
+        self.gather_from, fine, coarse = level_padding(self.shape[::-1], self.plan, gather)
+        self.padded = fine[::-1]
+        # level gather_from's whole (z, y, x) shape, padded for the levels below
+        self.gathered_shape = coarse
         if self.gather_from is not None:
             # blocks: whole cells down to the gathered level, which is cut
             # back to them (own_block); the coarser levels run whole
             self.multiples = tuple(reversed(self.divisors[self.gather_from]))
-            units = [p // m for p, m in zip(self.padded, self.multiples)]
+        units = [p // m for p, m in zip(self.padded, self.multiples)]
         self.rank = rank
         if ranges is not None and self._use_aligned(ranges, size):
             return
@@ -148,8 +174,13 @@ class HaloExchange:
         self.calls = 0
 
     def level_shape(self, level):
-        """(D, H, W) of the whole padded grid at a coarse level."""
-        return tuple(n // d for n, d in zip(reversed(self.dec.padded), self.dec.divisors[level]))
+        """(D, H, W) of the whole padded grid at a coarse level (from the
+        gathered level on, with the padding added there)."""
+        d = self.dec
+        g = d.gather_from
+        if g is not None and level >= g:
+            return tuple(n * a // b for n, a, b in zip(d.gathered_shape, d.divisors[g], d.divisors[level]))
+        return tuple(n // k for n, k in zip(reversed(d.padded), d.divisors[level]))
 
     def _level_offset(self, level):
         (x0, _), (y0, _), (z0, _) = self.dec.block

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .halo import level_padding
 from .model import Conv3d, pool2
 from .scenes import AIR, FLUID, SOLID
 
@@ -70,6 +71,13 @@ BOTTOM_BATCH = 64      # unit vectors per smoother pass when building it
 
 # the 7-point stencil: centre, then (axis, step) for the six faces
 _FACES = ((-3, -1), (-3, 1), (-2, -1), (-2, 1), (-1, -1), (-1, 1))
+
+
+def _end_pad(shape, target):
+    """F.pad's argument that pads a (..., D, H, W) field at the far end of
+    each axis from `shape` to `target`."""
+    (d, h, w), (D, H, W) = shape, target
+    return (0, W - w, 0, H - h, 0, D - d)
 
 
 def _padded(x, halo):
@@ -450,10 +458,14 @@ class MGNet(nn.Module):
         if halo is not None:
             plan = halo.dec.plan
             pad = [0, 0, 0]
+            g = halo.dec.gather_from
+            gshape = None          # gather_level pads level g
         else:
             plan = self.plan_for(shape, periodic, None if stencil is None
                                  else axis_strengths(torch.as_tensor(stencil).reshape((7,) + shape)))
-            pad = [(-s) % m for s, m in zip(shape, plan_multiples(plan))]
+            # padded as on several ranks: level g is padded, not the grid
+            g, fine, gshape = level_padding(shape, plan, gather_level)
+            pad = [p - s for p, s in zip(fine, shape)]
             halo = wrap
         L = len(plan) + 1
         flags = F.pad(flags, (0, pad[2], 0, pad[1], 0, pad[0]), value=SOLID)
@@ -477,8 +489,6 @@ class MGNet(nn.Module):
             open_ = open_.round().clamp(min=0) * fl
         levels = []
         unit0 = False
-        g = None if mh is None else gather_level(
-            [math.prod(halo.level_shape(l)) for l in range(L)])
         sd = sc = None
         if stencil is not None:
             st = torch.as_tensor(stencil).to(device=device, dtype=torch.float64)
@@ -514,15 +524,18 @@ class MGNet(nn.Module):
                     fl = F.max_pool3d(fl, f) * (1 - air)
                     open_ = F.max_pool3d(open_, f) * fl
             lh = halo
-            if g is not None and l >= g:
-                # from level g on the whole level on every rank, as serially
-                if l == g:
-                    fl, air = (halo.gather_level(t, l) for t in (fl, air))
-                    if open_ is not None:
-                        open_ = halo.gather_level(open_, l)
-                    if sd is not None:
-                        sd, sc = (halo.gather_level(t, l) for t in (sd, sc))
-                lh = wrap
+            if l == g and (mh is not None or fl.shape[-3:] != gshape):
+                # level g whole, padded for the levels below: gathered from
+                # the ranks' blocks, or padded here on one process
+                whole = (lambda t: halo.gather_level(t, l)) if mh is not None else (
+                    lambda t: F.pad(t, _end_pad(t.shape[-3:], gshape)))
+                fl, air = whole(fl), whole(air)
+                if open_ is not None:
+                    open_ = whole(open_)
+                if sd is not None:
+                    sd, sc = whole(sd), whole(sc)
+            if mh is not None and g is not None and l >= g:
+                lh = wrap         # from level g on the whole level on every rank, as serially
             lv = {}
             if sd is not None:
                 diag = torch.where(fl > 0, sd.float(), torch.ones_like(fl))
@@ -558,7 +571,7 @@ class MGNet(nn.Module):
                 # the coarsening to the next level (fz, fy, fx)
                 "factors": plan[l] if l < L - 1 else None,
                 "flat": nfaces == 4,       # 2D: the kernels skip the z taps
-                "gathered": g is not None and l >= g,
+                "gathered": mh is not None and g is not None and l >= g,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
@@ -663,7 +676,9 @@ class MGNet(nn.Module):
         coarse = geo["levels"][l + 1]
         if coarse["gathered"] and not whole:
             return geo["halo"].own_block(coarse["fluid"], l + 1)
-        return coarse["fluid"]
+        # without level l+1's own padding (level_padding)
+        d, h, w = (n // k for n, k in zip(geo["levels"][l]["fluid"].shape[-3:], geo["levels"][l]["factors"]))
+        return coarse["fluid"][..., :d, :h, :w]
 
     def _cycle(self, geo, l, b, whole=False):
         """x for level l's right-hand side b; `whole`: b is the whole level
@@ -698,15 +713,22 @@ class MGNet(nn.Module):
                 else (lambda t: geo["halo"].gather_level(t, l + 1))
             e, w = self._coarse(geo, l, gather(cb), True, kern)
             return geo["halo"].own_block(e, l + 1), w
+        lc = geo["levels"][l + 1]
+        real = cb.shape[-3:]
+        if real != lc["fluid"].shape[-3:]:
+            # the level padded for the levels below it (level_padding); on
+            # several ranks gather_level pads it and own_block cuts it back
+            cb = F.pad(cb, _end_pad(real, lc["fluid"].shape[-3:]))
         if kern is None:
             e = self._cycle(geo, l + 1, cb, whole)
         else:
             e = self._cycle_fused(geo, l + 1, cb, kern, whole)
-        lc = geo["levels"][l + 1]
-        if "coef" not in lc or not geo.get("adaptive", ADAPTIVE):
-            return e, None
-        f = geo["levels"][l]["factors"]
-        return e, self._energy_step(geo, lc, e, cb, whole, f, kern)
+        w = None
+        if "coef" in lc and geo.get("adaptive", ADAPTIVE):
+            w = self._energy_step(geo, lc, e, cb, whole, geo["levels"][l]["factors"], kern)
+        if real != e.shape[-3:]:
+            e = e[..., :real[0], :real[1], :real[2]]
+        return e, w
 
     def _energy_step(self, geo, lc, e, cb, whole, f=(2, 2, 2), kern=None):
         """ADAPTIVE × the coarse correction's energy-optimal weight

@@ -8,8 +8,7 @@ geometry without communication. Each generator also evaluates only the cells
 at given global indices (`axes`): a rank rasterises its own block plus the
 halo it needs (scene_block), never the whole grid, and gets the very values
 the whole-grid scene has there. A 2D scene has nz = 1 and y points up:
-its top is y+, its obstacles are discs (_scene2d; its plane is built
-whole, then windowed).
+its top is y+, its obstacles are discs (_scene2d).
 """
 import numpy as np
 
@@ -68,32 +67,34 @@ def _empty(shape, axes):
     return np.zeros(tuple(len(a) for a in _axes(shape, axes)), np.int8)
 
 
-def _scene2d(name, shape, seed):
+def _scene2d(name, shape, seed, axes=None):
     """The 2D version of a scene on (1, ny, nx): the same construction in
-    the (y, x) plane with y up (discs, rectangles, a wavy level in y)."""
+    the (y, x) plane with y up (discs, rectangles, a wavy level in y), at
+    the cells of `axes` as the 3D generators (every z index is 0)."""
     rng = np.random.default_rng(seed)
-    flags = np.zeros(shape, np.int8)
+    flags = _empty(shape, axes)
     _, ny, nx = shape
-    plane = flags[0]
+    _, gy, gx = _axes(shape, axes)
     if name == "smoke":
         for _ in range(rng.integers(1, 4)):
             lo = rng.uniform(0.1, 0.6, 2)
             ext = rng.uniform(0.1, 0.3, 2)
-            plane[tuple(slice(int(a * n), max(int((a + e) * n), int(a * n) + 1))
-                        for a, e, n in zip(lo, ext, (ny, nx)))] = SOLID
+            sl = [(int(a * n), max(int((a + e) * n), int(a * n) + 1)) for a, e, n in zip(lo, ext, (ny, nx))]
+            (y0, y1), (x0, x1) = sl
+            flags[:, ((gy >= y0) & (gy < y1))[:, None] & ((gx >= x0) & (gx < x1))[None, :]] = SOLID
     elif name == "spheres":
         for _ in range(rng.integers(4, 11)):
             r = rng.uniform(0.06, 0.16)
-            _add_sphere(flags, (0.5, rng.uniform(0.15, 0.9), rng.uniform(0.15, 0.85)), r)
+            _add_sphere(flags, (0.5, rng.uniform(0.15, 0.9), rng.uniform(0.15, 0.85)), r, axes, shape)
     elif name == "liquid":
-        _, y, x = _centres(shape)
+        _, y, x = _centres(shape, axes)
         level = rng.uniform(0.45, 0.7)
         amp, kx, ph = rng.uniform(0.02, 0.08), rng.integers(1, 4), rng.uniform(0, 2 * np.pi)
         surface = level + amp * np.sin(2 * np.pi * kx * x + ph)
-        plane[y[:, None] > surface[None, :]] = AIR
+        flags[:, y[:, None] > surface[None, :]] = AIR
         for _ in range(rng.integers(2, 7)):
             r = rng.uniform(0.05, 0.13)
-            _add_sphere(flags, (0.5, rng.uniform(0.15, level - 0.1), rng.uniform(0.15, 0.85)), r)
+            _add_sphere(flags, (0.5, rng.uniform(0.15, level - 0.1), rng.uniform(0.15, 0.85)), r, axes, shape)
     return flags, ({"y+"} if name != "box" else set())
 
 
@@ -304,9 +305,7 @@ def scene_block(scene, shape, seed, box, flags_file=None, open_faces=None, halo=
             raise UserError("scene 'file' needs --flags FILE.npy")
         raw, faces = load_flags(flags_file, shape, axes), set()
     elif shape[0] == 1:
-        # 2D: the plane is built whole (ny·nx int8 per rank), then windowed
-        whole, faces = _scene2d(scene, tuple(shape), seed)
-        raw = whole[np.ix_(*axes)]
+        raw, faces = _scene2d(scene, tuple(shape), seed, axes)
     else:
         raw, faces = GENERATORS[scene](tuple(shape), seed, axes=axes)
     if open_faces is not None:

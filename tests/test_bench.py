@@ -163,3 +163,34 @@ def test_bench_bad_repeat_options(tmp_path, args, what):
     r = run_cli(["bench", "--sizes", "8", "--out", tmp_path / "x", *args])
     assert r.returncode == 2, r.stdout + r.stderr
     assert what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("interrupt_in", ["cg+jacobi", "dcdm"])
+def test_interrupted_bench_keeps_its_finished_rows(tmp_path, interrupt_in):
+    """Ctrl-C in the middle of a solve (PETSc's C CG, or DCDM's Python
+    iteration, whence it reaches the CLI as a PETSc.Error): exit 130, and
+    bench.json / bench.md hold the rows finished before it."""
+    import signal
+    import subprocess
+    import sys
+    from helpers import REPO, _env
+    prefix = "-bench_" + interrupt_in.replace("+", "_") + "_"
+    cmd = [sys.executable, "-m", "deepcd_petsc", "bench", "--scenes", "spheres", "--sizes", "12,128",
+           "--solvers", interrupt_in, "--repeats", "1", "--rtol", "1e-12", "--out", str(tmp_path),
+           prefix + "ksp_monitor"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         cwd=REPO)
+    lines, row = [], False
+    for line in p.stdout:
+        lines.append(line)
+        row = row or " 12^3 " in line
+        if row and "3 KSP Residual norm" in line:   # the 128³ solve's third iteration
+            p.send_signal(signal.SIGINT)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, "".join(lines) + out + err
+    assert "interrupted: kept the 1 finished row(s)" in err and "Traceback" not in err, err
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["interrupted"] is True
+    assert [(r["n"], r["solver"]) for r in data["results"]] == [(12, interrupt_in)]
+    assert "Interrupted" in (tmp_path / "bench.md").read_text()

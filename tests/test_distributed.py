@@ -174,3 +174,21 @@ def test_rank_without_fluid():
     r = run_mpi(2, [CHECK_KSP, "solid"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert any(l.startswith("OK solid ranks=2 ") for l in r.stdout.splitlines()), r.stdout + r.stderr
+
+
+def test_level_padding_pads_the_gathered_level_not_the_grid():
+    """With a gathered level the grid is padded only to that level's
+    divisors and the level itself to the factors below it; without one,
+    the grid to all of them (the 120³ corner rank held 48³ cells, not 40³)."""
+    from deepcd_petsc.halo import level_padding
+    from deepcd_petsc.mgnet import gather_level
+    full = [(2, 2, 2)] * 4                                  # 5 levels: multiple 16
+    assert level_padding((120,) * 3, full, gather_level) == (2, (120,) * 3, (32,) * 3)
+    assert level_padding((120,) * 3, full) == (None, (128,) * 3, None)
+    # (z, y, x) = (29, 40, 33), 3 levels: level 1 (18·20·17 cells) is gathered
+    assert level_padding((29, 40, 33), full[:2], gather_level) == (1, (30, 40, 34), (16, 20, 18))
+    # semi-coarsened: z halves once more below the gathered level
+    plan = [(2, 2, 2), (2, 1, 1), (2, 1, 1)]
+    assert level_padding((90, 20, 20), plan, gather_level) == (1, (90, 20, 20), (48, 10, 10))
+    d = Decomposition((120, 120, 120), 16, 27, 26, ranges=([40] * 3,) * 3, gather=gather_level)
+    assert d.padded == (120,) * 3 and d.block == ((80, 120),) * 3 and d.gathered_shape == (32,) * 3

@@ -194,3 +194,50 @@ def test_cli_train_unet_arch(tmp_path):
     assert ck["config"]["channels"] == [4, 8] and isinstance(net, DCDMNet)
     bad = run_cli(["train", "--out", tmp_path / "v.pt", "--channels", "4,8", "--steps", "1"])
     assert bad.returncode == 2 and "--arch unet" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_train_2d_and_3d_then_evaluate_2d(tmp_path):
+    """One model trained on N³ and N² grids (--n2d); the card lists both
+    and evaluates both; `evaluate --dim 2` solves the scenes' 2D versions
+    with the flags' unit stencil, as DCDM does on a 2D DMDA."""
+    out = tmp_path / "m2.pt"
+    r = run_cli(["train", "--out", out, "--n", "8", "--n2d", "24", "--scenes", "spheres,density",
+                 "--geometries", "1", "--lanczos", "30", "--steps", "6", "--batch", "2",
+                 "--eval-sizes", "8", "--eval-sizes-2d", "24", "--threads", "1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(3D) and [24] (2D)" in r.stdout
+    net, ck = load_model(str(out))
+    assert ck["meta"]["n"] == 8 and ck["meta"]["n2d"] == [24]
+    card = (tmp_path / "m2.md").read_text()
+    assert "[24] (N², the scenes' 2D versions)" in card
+    rows = [l for l in card.splitlines() if l.startswith("| ")]
+    import re
+    assert any(re.search(r"\| 24² +\|", l) for l in rows) and any(re.search(r"\| 8³ +\|", l) for l in rows), card
+    assert f"24²: {net.levels_for((1, 24, 24))} levels" in card
+    # a 2D-only model
+    r = run_cli(["train", "--out", tmp_path / "m3.pt", "--n", "", "--n2d", "16", "--scenes", "box",
+                 "--geometries", "1", "--lanczos", "20", "--steps", "2", "--batch", "2", "--no-card"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert load_model(str(tmp_path / "m3.pt"))[1]["meta"]["n"] is None
+    r = run_cli(["evaluate", "--dim", "2", "--sizes", "48", "--seeds", "2", "--scenes", "liquid,aniso",
+                 "--json", "--threads", "1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(x["scene"], x["grid"], x["dim"]) for x in got] == [("liquid", "48²", 2), ("aniso", "48²", 2)]
+    for x in got:      # the shipped model on 2D: far fewer iterations than CG+Jacobi
+        assert isinstance(x["dcdm"], int) and 4 * x["dcdm"] < x["cg_jacobi"], x
+
+
+def test_scene_operator_2d_is_the_flags_unit_stencil():
+    """What training and evaluate see on a 2D grid is what DCDM builds
+    from a 2D DMDA's flags (context._flat_stencil)."""
+    import numpy as np
+    from deepcd_petsc.coefficients import scene_operator
+    from deepcd_petsc.scenes import padded
+    from deepcd_petsc.stencil import from_flags
+    flags, faces, st = scene_operator("liquid", (1, 20, 28), 3)
+    assert st is not None and flags.shape == (1, 20, 28)
+    ref = from_flags(flags, padded(flags, faces))
+    assert np.array_equal(st.packed(), ref.packed())
+    assert st.coef[:2].max() == 0 and st.coef[2:].max() == 1     # no z couplings in 2D
+    assert scene_operator("liquid", (12, 20, 28), 3)[2] is None  # 3D flags: the compact path

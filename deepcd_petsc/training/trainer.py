@@ -43,8 +43,12 @@ def train_seeds(seed, count):
 def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
           time_budget=None, seed=0, lanczos=400, geometries=3, batch=8, lr=1e-3,
           device="cpu", cache=None, resume=False, config=None, log=print,
-          checkpoint_every=60.0, progress=True, stop_at=None, init=None):
-    """Train a network (default: the V-cycle network); writes `out` (checkpoint), returns (model, meta)."""
+          checkpoint_every=60.0, progress=True, stop_at=None, init=None, n2d=()):
+    """Train a network (default: the V-cycle network); writes `out` (checkpoint), returns (model, meta).
+    `n`: N³ training grids; `n2d`: N² grids besides (the scenes' 2D
+    versions, 5-point operators): one model serves 2D and 3D DMDAs.
+    `geometries`/`lanczos`: one count, or one per size (the 3D sizes, then
+    the 2D ones)."""
     torch.manual_seed(seed)
     state = None
     state_path = out + ".state"
@@ -56,6 +60,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         config = ck["config"]
         meta0 = ck["meta"]
         scenes, n, seed = meta0["scenes"], meta0["n"], meta0["seed"]
+        n2d = meta0.get("n2d") or ()
         lanczos, geometries, batch, lr = (meta0[k] for k in ("lanczos", "geometries", "batch", "lr"))
     if init and not state:
         # fine-tune: architecture and weights from an existing model
@@ -68,20 +73,25 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t_data = time.perf_counter()
-    sizes = [n] if isinstance(n, int) else list(n)
-    per_size = [geometries] * len(sizes) if isinstance(geometries, int) else list(geometries)
-    if len(per_size) != len(sizes):
-        raise ValueError(f"--geometries needs one count or one per size ({len(sizes)})")
-    steps_l = [lanczos] * len(sizes) if isinstance(lanczos, int) else list(lanczos)
-    if len(steps_l) != len(sizes):
-        raise ValueError(f"--lanczos needs one count or one per size ({len(sizes)})")
+    sizes = [] if n is None else [n] if isinstance(n, int) else list(n)
+    n2d = list(n2d or ())
+    shapes = [(s,) * 3 for s in sizes] + [(1, s, s) for s in n2d]
+    if not shapes:
+        raise ValueError("no training sizes: give 3D sizes (--n), 2D sizes (--n2d) or both")
+    per_size = [geometries] * len(shapes) if isinstance(geometries, int) else list(geometries)
+    if len(per_size) != len(shapes):
+        raise ValueError(f"--geometries needs one count or one per size ({len(shapes)})")
+    steps_l = [lanczos] * len(shapes) if isinstance(lanczos, int) else list(lanczos)
+    if len(steps_l) != len(shapes):
+        raise ValueError(f"--lanczos needs one count or one per size ({len(shapes)})")
     geos = []
-    for size, count, m in zip(sizes, per_size, steps_l):
+    for shape, count, m in zip(shapes, per_size, steps_l):
         for scene in scenes:
             for s in train_seeds(seed, count):
-                geos.append(make_geometry(scene, (size,) * 3, s, m, cache))
+                geos.append(make_geometry(scene, shape, s, m, cache))
     t_data = time.perf_counter() - t_data
-    log(f"training data: {len(geos)} geometries at sizes {sizes}, {lanczos} Lanczos steps each, {t_data:.1f} s")
+    log(f"training data: {len(geos)} geometries at sizes {sizes} (3D) and {n2d} (2D), "
+        f"{lanczos} Lanczos steps each, {t_data:.1f} s")
     ops = [g.op.to(device=device) for g in geos]
     gen = torch.Generator().manual_seed(seed)
     step, losses, elapsed0 = 0, [], 0.0
@@ -91,7 +101,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         step, losses, elapsed0 = state["step"], list(state["losses"]), state["elapsed"]
         gen.set_state(state["gen"])
         log(f"resuming {out} at step {step}")
-    meta = {"scenes": list(scenes), "n": n, "seed": seed, "lanczos": lanczos,
+    meta = {"scenes": list(scenes), "n": n, "n2d": n2d, "seed": seed, "lanczos": lanczos,
             "geometries": geometries, "batch": batch, "lr": lr,
             "train_seeds": train_seeds(seed, max(per_size)), "device": str(device),
             "torch": torch.__version__, "revision": source_revision(),
@@ -166,8 +176,14 @@ def loss_plot(losses, path):
     plt.close(fig)
 
 
-def rows_sizes(rows):
-    return [r["n"] for r in rows] or [32]
+def rows_shapes(rows):
+    """(z, y, x) of the evaluated grids: N³, or (1, N, N) for 2D rows."""
+    return sorted({(r["n"],) * 3 if r.get("dim", 3) == 3 else (1, r["n"], r["n"]) for r in rows}) \
+        or [(32,) * 3]
+
+
+def _grid(shape):
+    return f"{shape[-1]}²" if shape[0] == 1 else f"{shape[0]}³"
 
 
 def write_model_card(path, model_path, meta, rows, command, cost=None):
@@ -178,11 +194,13 @@ def write_model_card(path, model_path, meta, rows, command, cost=None):
     lines = [f"# deepcd model card: `{os.path.basename(model_path)}`", "",
              f"- Reproduce: `{command}`",
              f"- Architecture: `{net.config}` ({net.describe()}); {net.n_params()} parameters",
-             "- Receptive field and padding by grid size: " + ", ".join(
-                 f"{n}³: {net.levels_for((n,) * 3)} levels, receptive field "
-                 f"{net.receptive_field(net.levels_for((n,) * 3))} cells, padded to multiples of "
-                 f"{net.multiple_for((n,) * 3)}" for n in sorted(set(rows_sizes(rows)))),
-             f"- Data: scenes {', '.join(meta['scenes'])} at sizes {meta['n']}, "
+             "- Levels and receptive field by grid size: " + ", ".join(
+                 f"{_grid(sh)}: {net.levels_for(sh)} levels, receptive field "
+                 f"{net.receptive_field(net.levels_for(sh))} cells" for sh in rows_shapes(rows)),
+             f"- Data: scenes {', '.join(meta['scenes'])} at sizes "
+             + " and ".join(t for t in ((f"{meta['n']} (N³)" if meta["n"] is not None else ""),
+                                        (f"{meta['n2d']} (N², the scenes' 2D versions)"
+                                         if meta.get("n2d") else "")) if t) + ", "
              f"{meta['geometries']} geometries per scene and size (seeds {meta['train_seeds']}), "
              f"{meta['lanczos']} Lanczos steps per geometry, low half of the Ritz spectrum weighted x9",
              f"- Training: {meta['steps']} Adam steps, batch {meta['batch']}, lr {meta['lr']} (cosine to lr/10); "
@@ -192,7 +210,7 @@ def write_model_card(path, model_path, meta, rows, command, cost=None):
     if cost:
         lines.append(f"- Cost of one application: {cost}")
     lines += ["", "## Evaluation (held-out seeds; iterations to ‖r‖/‖b‖ ≤ 1e-6, torch float64 Krylov)", "",
-              markdown_table(rows, ["scene", "n", "seed", "dcdm", "cg", "cg_jacobi", "dcdm_s"],
-                             ["scene", "n", "seed", "DCDM", "CG", "CG+Jacobi", "DCDM time (s)"]), ""]
+              markdown_table(rows, ["scene", "grid", "seed", "dcdm", "cg", "cg_jacobi", "dcdm_s"],
+                             ["scene", "grid", "seed", "DCDM", "CG", "CG+Jacobi", "DCDM time (s)"]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
