@@ -261,13 +261,21 @@ def cmd_info(a, petsc_args):
     lines.append(("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "(unset)")))
     try:
         from .model import ModelFileError, default_model_path, load_model
-        net, ck = load_model()
-        meta = ck.get("meta", {})
-        lines += [("default model", default_model_path()),
-                  ("  network", f"{net.describe()}, {net.n_params()} parameters"),
-                  ("  trained", f"{meta.get('steps')} steps on {meta.get('scenes')} at sizes "
-                                f"{meta.get('n')}, source {meta.get('revision')}")]
-    except (ImportError, ModelFileError) as e:
+        for dim in (3, 2):
+            what = f"default model {dim}D"
+            try:
+                net, ck = load_model(default_model_path(dim))
+            except ModelFileError as e:
+                lines.append((what, f"unusable: {e}"))
+                continue
+            meta = ck.get("meta", {})
+            sizes = " and ".join(t for t in (f"{meta['n']} (3D)" if meta.get("n") else "",
+                                             f"{meta['n2d']} (2D)" if meta.get("n2d") else "") if t)
+            lines += [(what, default_model_path(dim)),
+                      ("  network", f"{net.describe()}, {net.n_params()} parameters"),
+                      ("  trained", f"{meta.get('steps')} steps on {meta.get('scenes')} at sizes "
+                                    f"{sizes}, source {meta.get('revision')}")]
+    except ImportError as e:
         lines.append(("default model", f"unusable: {e}"))
     if PETSc.COMM_WORLD.getRank() == 0:
         for k, v in lines:
@@ -384,7 +392,7 @@ def cmd_train(a, petsc_args):
     ev2 = a.eval_sizes_2d if a.eval_sizes_2d is not None else ("128" if meta.get("n2d") else "")
     if ev2.strip():
         rows += evaluate(net, ["spheres", "smoke", "liquid"], _ints(ev2, "--eval-sizes-2d"), [1], dim=2)
-    cmd = "deepcd " + " ".join(sys.argv[1:])
+    cmd = "deepcd " + shlex.join(sys.argv[1:])
     write_model_card(base + ".md", a.out, meta, rows, cmd)
     print(f"wrote {base}.png and {base}.md")
     return 0
@@ -393,7 +401,7 @@ def cmd_train(a, petsc_args):
 def cmd_evaluate(a, petsc_args):
     import torch
     from .evaluate import evaluate
-    from .model import DTYPES, ModelFileError, load_model
+    from .model import DTYPES, ModelFileError, default_model_path, load_model
     from .tables import markdown_table
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -401,7 +409,7 @@ def cmd_evaluate(a, petsc_args):
     tune_malloc()
     device = _device(a.device)
     try:
-        net, ck = load_model(a.model, dtype=a.dtype, device=device)
+        net, ck = load_model(a.model or default_model_path(a.dim), dtype=a.dtype, device=device)
     except ModelFileError as e:
         raise UserError(str(e)) from None
     sizes = _ints(a.sizes, "--sizes")
@@ -453,7 +461,7 @@ def cmd_bench(a, petsc_args):
     tune_malloc()      # before any solver, so all run under the same allocator settings
     rank = PETSc.COMM_WORLD.getRank()
     skipped = {}
-    cmd = "deepcd " + " ".join(sys.argv[1:])
+    cmd = "deepcd " + shlex.join(sys.argv[1:])
     size = PETSc.COMM_WORLD.getSize()
     if size > 1:
         cmd = f"mpiexec -n {size} " + cmd

@@ -23,7 +23,8 @@ class NetworkContext:
     def __init__(self):
         from .petsc_compat import finalize_before_teardown
         finalize_before_teardown()
-        self.model_path = None
+        self.model_path = None     # -model; None: the shipped model for the grid's dimension
+        self.loaded_path = None
         self.device = "cpu"
         self.dtype = "float32"
         self.threads = None
@@ -114,14 +115,16 @@ class NetworkContext:
                         or self.user_stencil is not None):
             return          # unchanged; set_flags/set_stencil geometry does not follow A's values
         t0 = time.perf_counter()
-        if not rebuild and self._model_key() != self.loaded:
-            # set_flags or a new operator keeps the loaded model: a time
-            # stepping code calling set_flags every step reloaded it each time
-            self._load_model(obj, A)
-        t1 = time.perf_counter()
         before = self.derived
         da, own = self._grid(obj, A)
         try:
+            dim = 2 if da.getSizes()[2] == 1 else 3
+            tg = time.perf_counter()
+            if not rebuild and self._model_key(dim) != self.loaded:
+                # set_flags or a new operator keeps the loaded model: a time
+                # stepping code calling set_flags every step reloaded it each time
+                self._load_model(obj, A, dim)
+            t1 = time.perf_counter()
             self._free_rows()
             flags, dirichlet = self._geometry(da, A)
             t2 = time.perf_counter()
@@ -140,17 +143,18 @@ class NetworkContext:
         finally:
             if own:
                 da.destroy()
-        self.setup_s = {"model": t1 - t0, "geometry": t2 - t1,
+        self.setup_s = {"model": t1 - tg, "geometry": (tg - t0) + (t2 - t1),
                         "evaluator": time.perf_counter() - t2}
         self.op_state = state
 
-    def _model_key(self):
-        """What the loaded network depends on: another value reloads it."""
+    def _model_key(self, dim=3):
+        """What the loaded network depends on: another value reloads it.
+        Without -model, the shipped model for the grid's dimension."""
         from .model import default_model_path
-        return (self.model_path or default_model_path(), self.dtype, self.device, self.levels,
+        return (self.model_path or default_model_path(dim), self.dtype, self.device, self.levels,
                 self.threads)
 
-    def _load_model(self, obj, A):
+    def _load_model(self, obj, A, dim=3):
         import torch
         from .memory import tune_malloc
         from .model import ModelFileError, default_model_path, load_model
@@ -159,18 +163,18 @@ class NetworkContext:
         self.torch_device = self._device(A.getComm())
         if self.torch_device == "cpu":
             tune_malloc()
-        path = self.model_path or default_model_path()
+        path = self.model_path or default_model_path(dim)
         try:
             self.net, self.ckpt = load_model(path, self.dtype, self.torch_device)
         except ModelFileError as e:
             raise SetupError(f"-{self.option_prefix(obj)}model: {e}") from None
-        self.model_path = path
+        self.loaded_path = path
         if self.levels:
             if not hasattr(self.net, "level_cap"):
                 raise SetupError(f"-{self.option_prefix(obj)}levels: the model {path!r} "
                                  f"has a fixed depth (U-Net); the option is for V-cycle models")
             self.net.level_cap = self.levels
-        self.loaded = self._model_key()
+        self.loaded = self._model_key(dim)
 
     def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the
@@ -399,7 +403,7 @@ class NetworkContext:
             p(f"  model: {self.model_path or '(shipped default)'} (not loaded yet)\n")
             p(f"  device {self.device}, dtype {self.dtype}\n")
             return
-        p(f"  model: {self.model_path}\n")
+        p(f"  model: {self.loaded_path}{'' if self.model_path else ' (shipped default)'}\n")
         shape = self.evaluator.shape if self.evaluator is not None else None
         geo = getattr(self.evaluator, "geo", None)
         plan = geo.get("plan") if isinstance(geo, dict) else None
@@ -437,18 +441,21 @@ class NetworkContext:
 
 
 def _scaled_digest(st, chunk=1 << 18):
-    """sha256 of st / (its largest |coupling|, else 1), st (7, ...) packed:
-    fed in chunks through one small buffer (the same digest as hashing the
-    whole quotient, without a second copy of the stencil)."""
+    """sha256 of st / (its largest |coupling|, else 1) rounded to float32,
+    st (7, ...) packed: the network keeps the coefficients in float32, so
+    a change below that precision does not change it; half the bytes to
+    hash (1024²: 84 ms of set-up). Fed in chunks through one small buffer
+    (the same digest as hashing the whole quotient, without a second copy
+    of the stencil)."""
     c = st[1:]       # the largest |coupling| (NaN if any), else 1
     ref = float(np.maximum(c.max(initial=0.0), -c.min(initial=0.0))) or 1.0
     flat = np.ascontiguousarray(st).reshape(-1)
-    buf = np.empty(min(chunk, flat.size))
+    buf = np.empty(min(chunk, flat.size), np.float32)
     h = hashlib.sha256()
     for i in range(0, flat.size, chunk):
         part = flat[i:i + chunk]
         out = buf[:part.size]
-        np.divide(part, ref, out=out)
+        np.divide(part, ref, out=out, casting="same_kind")
         h.update(out)
     return h.hexdigest()
 

@@ -172,6 +172,10 @@ def galerkin_coarsen(diag, coef, active, f=(2, 2, 2)):
     for fi, (axis, step) in enumerate(_FACES):
         dim = {-3: 3, -2: 5, -1: 7}[axis]
         k = f[axis + 3]
+        if coef.shape[axis] == 1 and k == 1:
+            # a 2D grid's z faces: no neighbour, zero couplings
+            out.append(torch.zeros_like(d))
+            continue
         outer = cf[:, fi:fi + 1].select(dim, k - 1 if step > 0 else 0)
         rest = tuple(x - (1 if x > dim else 0) for x in (3, 5, 7) if x != dim)
         out.append(outer.sum(dim=rest))
@@ -190,8 +194,9 @@ def axis_strengths(stencil):
     c = st[1:7].reshape(3, 2, -1).sum(1).clamp(min=0)
     tot = c.sum(0)
     keep = tot > 0
-    frac = c[:, keep] / tot[keep]
-    return torch.cat([frac.sum(1), torch.tensor([float(keep.sum())], dtype=torch.float64)]).numpy()
+    # (no boolean indexing: rows without couplings add 0/1)
+    frac = (c / torch.where(keep, tot, torch.ones_like(tot))).sum(1)
+    return torch.cat([frac, torch.tensor([float(keep.sum())], dtype=torch.float64)]).numpy()
 
 
 def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
@@ -260,9 +265,10 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
 def _uniform_couplings(sc, halo=None):
     """c when every nonzero coupling of sc (N, 6, ...) equals one value c
     on every rank, else False (also without any coupling)."""
-    off = sc == 0
-    lo = float(sc.masked_fill(off, math.inf).amin())
-    hi = float(sc.masked_fill(off, -math.inf).amax())
+    # the largest over all entries: the largest nonzero one whenever
+    # that is positive (else the answer is False either way)
+    hi = float(sc.amax())
+    lo = float(sc.masked_fill(sc == 0, math.inf).amin())
     if halo is not None:
         # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
         lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
@@ -312,14 +318,15 @@ class Smoother(nn.Module):
         nn.init.zeros_(self.gate2.weight)
         nn.init.zeros_(self.gate2.bias)
 
-    def gates(self, geom, halo=None):
+    def gates(self, geom, halo=None, flat=False):
+        """`flat`: a 2D grid's geometry (no z neighbours)."""
         dt = self.kernel.dtype
         if dt == torch.float64 and geom.device.type == "cpu":
             # no oneDNN float64 kernel (torch's generic one took ~3 s at
             # 128³): these once-per-geometry coefficients use float32
-            h = F.gelu(self.gate1(geom, halo, dtype=torch.float32)).to(dt)
+            h = F.gelu(self.gate1(geom, halo, dtype=torch.float32, flat=flat)).to(dt)
         else:
-            h = F.gelu(self.gate1(geom.to(dt), halo))
+            h = F.gelu(self.gate1(geom.to(dt), halo, flat=flat))
         # the 1×1×1 convolution as a channel contraction: torch's CPU conv
         # path for it took seconds at 256³
         w = self.gate2.weight.reshape(self.gate2.out_channels, -1)
@@ -546,26 +553,27 @@ class MGNet(nn.Module):
                 # in 2D, so that an interior cell looks as in 3D)
                 feat = torch.where(cmax > 0, diag / (nfaces * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
-                lv["coef"] = sc.to(dtype)
+                compact = l == 0 and unit0     # the unit operator: compact passes, no planes
+                if not compact:
+                    lv["coef"] = sc.to(dtype)
                 # c / √(c_max · c_mean) over the coupled faces, at most 1: 1
                 # wherever the couplings are equal (the unit operator, walls
                 # included), so the learned taps act as trained there; never
                 # above 1, since the taps were learned on isotropic scenes and
                 # amplified along strong axes they diverged on anisotropic
                 # cells (64³ aniso: 95 iterations with n_c·c/Σc, 15 with this)
-                csum = sc.sum(1, keepdim=True)
-                nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
-                mean = csum / nc.clamp(min=1)
-                # stored as the row's 1/√(c_max·c_mean) only (tap_weights)
-                lv["tnorm"] = torch.where(csum > 0, (cm * mean).clamp(min=1e-300).rsqrt(),
-                                          torch.zeros_like(csum)).to(dtype)
+                if not compact:
+                    csum = sc.sum(1, keepdim=True)
+                    nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
+                    mean = csum / nc.clamp(min=1)
+                    # stored as the row's 1/√(c_max·c_mean) only (tap_weights)
+                    lv["tnorm"] = torch.where(csum > 0, (cm * mean).clamp(min=1e-300).rsqrt(),
+                                              torch.zeros_like(csum)).to(dtype)
                 geom = torch.cat([fl, air, 1 - fl - air, feat.clamp(max=4.0)], 1)
             else:
                 diag = (neighbour_sum(fl + air, lh) + open_) * fl
                 diag = torch.where(fl > 0, diag.clamp(min=1), torch.ones_like(diag))
                 geom = torch.cat([fl, air, 1 - fl - air, diag / nfaces], 1)
-            if l == 0 and sd is not None and unit0:
-                del lv["coef"], lv["tnorm"]       # the unit operator: compact passes
             sm = (self.bottom,) if l == L - 1 else (self.pre[l], self.post[l])
             lv.update({
                 # the coarsening to the next level (fz, fy, fx)
@@ -575,7 +583,7 @@ class MGNet(nn.Module):
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
-                "gates": [(s.gates(geom, lh) * fl.to(geom.dtype)).to(dtype) for s in sm]})
+                "gates": [(s.gates(geom, lh, nfaces == 4) * fl.to(geom.dtype)).to(dtype) for s in sm]})
             levels.append(lv)
         geo = {"shape": shape, "pad": pad, "levels": levels, "L": L, "wrap": wrap,
                "halo": mh, "plan": plan}

@@ -10,6 +10,7 @@ the operator is unchanged. Statistics and pictures: simulate_output.py.
 """
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -71,7 +72,7 @@ def run(a, petsc_args):
     sim = Simulation(settings, PETSc.COMM_WORLD)
     try:
         size = PETSc.COMM_WORLD.getSize()
-        return sim.run(a.out, (f"mpiexec -n {size} " if size > 1 else "") + "deepcd " + " ".join(sys.argv[1:]))
+        return sim.run(a.out, (f"mpiexec -n {size} " if size > 1 else "") + "deepcd " + shlex.join(sys.argv[1:]))
     finally:
         sim.destroy()
 

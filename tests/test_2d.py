@@ -227,3 +227,93 @@ def test_capped_hierarchy_solves_its_bottom_exactly():
     import json
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["iterations"] <= 8, res
+
+
+# -- the shipped 2D model ---------------------------------------------------------
+def _ksp_on(da, A, prefix, **opts):
+    import deepcd_petsc
+    o = PETSc.Options()
+    for k, v in opts.items():
+        o[prefix + k] = v
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    ksp.setOperators(A)
+    ksp.setOptionsPrefix(prefix)
+    ksp.setType("python")
+    ksp.setPythonContext(deepcd_petsc.DCDM())
+    ksp.setDM(da)
+    set_dm_inactive(ksp)
+    ksp.setFromOptions()
+    for k in opts:
+        del o[prefix + k]
+    return ksp
+
+
+def test_the_grid_dimension_picks_the_shipped_model(tmp_path):
+    """Without -model a 2D DMDA gets default2d.pt and a 3D one default.pt
+    (-ksp_view says which); -model overrides it for both."""
+    from deepcd_petsc.model import default_model_path
+    cases = [(PETSc.DMDA().create(dim=2, sizes=(24, 20), dof=1, stencil_width=1, comm=PETSc.COMM_SELF), 2),
+             (PETSc.DMDA().create(dim=3, sizes=(12, 10, 8), dof=1, stencil_width=1, comm=PETSc.COMM_SELF), 3)]
+    for da, dim in cases:
+        A = _laplacian(da) if dim == 2 else _laplacian3(da)
+        for prefix, opts, want in [(f"m{dim}a_", {}, default_model_path(dim)),
+                                   (f"m{dim}b_", {"ksp_dcdm_model": default_model_path(5 - dim)},
+                                    default_model_path(5 - dim))]:
+            ksp = _ksp_on(da, A, prefix, **opts)
+            try:
+                ksp.setUp()
+                ctx = ksp.getPythonContext()
+                assert ctx.loaded_path == want, (dim, opts)
+                view = tmp_path / f"{prefix}view.txt"
+                v = PETSc.Viewer().createASCII(str(view), comm=PETSc.COMM_SELF)
+                ksp.view(v)
+                v.destroy()
+                text = view.read_text()
+                assert f"model: {want}" in text and ("(shipped default)" in text) == (not opts), text
+            finally:
+                ksp.destroy()
+        A.destroy()
+        da.destroy()
+    assert default_model_path(2) != default_model_path(3)
+
+
+def _laplacian3(da):
+    """The unit 7-point operator on a 3D DMDA (Dirichlet beyond the grid)."""
+    A = da.createMatrix()
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    nx, ny, nz = da.getSizes()
+    row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
+    for k in range(zs, ze):
+        for j in range(ys, ye):
+            for i in range(xs, xe):
+                row.index = (i, j, k)
+                A.setValueStencil(row, row, 6.0)
+                for di, dj, dk in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
+                    if 0 <= i + di < nx and 0 <= j + dj < ny and 0 <= k + dk < nz:
+                        col.index = (i + di, j + dj, k + dk)
+                        A.setValueStencil(row, col, -1.0)
+    A.assemble()
+    return A
+
+
+def test_shipped_2d_model_is_the_3d_one_fine_tuned():
+    """default2d.pt: the same architecture (same kernels, same checks) as
+    default.pt, trained on 2D data from it, with its card; on held-out 2D
+    scenes it takes fewer iterations than the 3D model (torch evaluation)."""
+    import torch
+    from deepcd_petsc.evaluate import evaluate
+    from deepcd_petsc.model import default_model_path, load_model
+    n3, c3 = load_model(default_model_path(3))
+    n2, c2 = load_model(default_model_path(2))
+    assert c2["config"] == c3["config"]
+    assert c2["meta"]["n2d"] and not c2["meta"]["n"]
+    assert c2["meta"]["init"].endswith("default.pt")
+    card = (REPO / "deepcd_petsc" / "models" / "MODEL_CARD_2D.md").read_text()
+    assert "--n2d" in card and "default2d.pt" in card
+    torch.set_num_threads(1)
+    its = {}
+    for name, net in (("3d", n3), ("2d", n2)):
+        rows = evaluate(net, ["spheres", "liquid", "density"], [96], [5, 6], baselines=False, dim=2)
+        assert all(isinstance(r["dcdm"], int) for r in rows), rows
+        its[name] = sum(r["dcdm"] for r in rows)
+    assert its["2d"] < its["3d"], its

@@ -330,7 +330,7 @@ def test_unit_scale_equals_reference(case):
 
 def test_geometry_digest_unchanged():
     """NetworkContext's stencil digest: sha256 of the stencil over its
-    largest |coupling|, as before (a buffer now, not a bytes copy)."""
+    largest |coupling|, rounded to float32 (the network's precision)."""
     from test_ksp import DCDM, make_ksp
     p = problem("density")
     with make_ksp(p.A, "csrd_", DCDM, p.da) as ksp:
@@ -339,7 +339,7 @@ def test_geometry_digest_unchanged():
         digest = str(ctx.derived[3])
     s = stencil.from_aij(p.da, p.A, local_shape(p.da)).packed()
     nz = np.abs(s[1:][s[1:] != 0])
-    assert digest == hashlib.sha256((s / float(nz.max())).tobytes()).hexdigest()
+    assert digest == hashlib.sha256((s / float(nz.max())).astype(np.float32).tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("scene", ["density", "spheres"])
@@ -370,6 +370,12 @@ def test_scaled_digest_equals_hashing_the_quotient(chunk):
         a[1:][a[1:] > 0.5] = 0.0
         nz = np.abs(a[1:][a[1:] != 0])
         ref = float(nz.max())
-        assert _scaled_digest(a, chunk) == hashlib.sha256((a / ref).tobytes()).hexdigest()
+        assert _scaled_digest(a, chunk) == hashlib.sha256((a / ref).astype(np.float32).tobytes()).hexdigest()
+        # a change the float32 network cannot see keeps the digest; one it can see does not
+        b = a.copy()
+        b[3, 1, 1, 1] *= 1 + 1e-12
+        assert _scaled_digest(b, chunk) == _scaled_digest(a, chunk)
+        b[3, 1, 1, 1] = a[3, 1, 1, 1] * (1 + 1e-5) + 1e-5
+        assert _scaled_digest(b, chunk) != _scaled_digest(a, chunk)
         a[1:] = 0.0
-        assert _scaled_digest(a, chunk) == hashlib.sha256(a.tobytes()).hexdigest()
+        assert _scaled_digest(a, chunk) == hashlib.sha256(a.astype(np.float32).tobytes()).hexdigest()
