@@ -99,7 +99,7 @@ def build_parser():
                                            "(default 128 when training with --n2d, else none)")
     t.add_argument("--no-card", action="store_true", help="skip the evaluation, plot and card")
     e = sub.add_parser("evaluate", help="DCDM vs CG iterations with a model (torch, no PETSc)")
-    e.add_argument("--model", help="checkpoint (default: the shipped model)")
+    e.add_argument("--model", help="checkpoint (default: the shipped model for --dim: default.pt or default2d.pt)")
     e.add_argument("--scenes", default="spheres,smoke,liquid", help="scenes, comma list")
     e.add_argument("--sizes", default="32,64", help="grid sizes N (N³, or N² with --dim 2), comma list")
     e.add_argument("--dim", type=int, default=3, choices=[2, 3],
