@@ -123,3 +123,12 @@ def ex45_system(n, comm=None):
                     barr[k - zs, j - ys, i - xs] = h ** 3
     A.assemble()
     return da, A, b
+
+
+def sigint_default():
+    """preexec_fn for a child that a test interrupts: SIGINT back to its
+    default. A shell's background job (`make test &`) starts with SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and the
+    child would never see the test's Ctrl-C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -279,7 +279,7 @@ def test_the_grid_dimension_picks_the_shipped_model(tmp_path):
 
 def _laplacian3(da):
     """The unit 7-point operator on a 3D DMDA (Dirichlet beyond the grid)."""
-    A = da.createMatrix()
+    A = da.createMat()
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
     nx, ny, nz = da.getSizes()
     row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()

@@ -173,13 +173,13 @@ def test_interrupted_bench_keeps_its_finished_rows(tmp_path, interrupt_in):
     import signal
     import subprocess
     import sys
-    from helpers import REPO, _env
+    from helpers import REPO, _env, sigint_default
     prefix = "-bench_" + interrupt_in.replace("+", "_") + "_"
     cmd = [sys.executable, "-m", "deepcd_petsc", "bench", "--scenes", "spheres", "--sizes", "12,128",
            "--solvers", interrupt_in, "--repeats", "1", "--rtol", "1e-12", "--out", str(tmp_path),
            prefix + "ksp_monitor"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                         cwd=REPO)
+                         cwd=REPO, preexec_fn=sigint_default)
     lines, row = [], False
     for line in p.stdout:
         lines.append(line)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, _env, run_cli, run_cli_mpi
+from helpers import REPO, _env, run_cli, run_cli_mpi, sigint_default
 
 DCDM = ["-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_dcdm_threads", "1"]
 GAMG = ["-ksp_type", "cg", "-pc_type", "gamg"]
@@ -148,7 +148,7 @@ def test_interrupted_run_keeps_what_was_written(tmp_path):
     cmd = [sys.executable, "-m", "deepcd_petsc", "simulate", "--n", "16", "--steps", "100000",
            "--frame-every", "1", "--no-gif", "--quiet", "--out", str(tmp_path), *JACOBI]
     p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=sigint_default)
     stats = tmp_path / "stats.json"
     deadline = time.time() + 60
     while time.time() < deadline:
