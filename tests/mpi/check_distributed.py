@@ -14,7 +14,7 @@ import argparse
 import sys
 import traceback
 
-from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
+from mpisetup import PETSc, comm, finish, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from deepcd_petsc.context import geometry_from_operator  # noqa: E402
 from deepcd_petsc.evaluator import NetworkEvaluator, _gather_rule  # noqa: E402
@@ -201,13 +201,7 @@ def main():
         if serial is not None:
             serial.destroy()
     sys.stderr.flush()
-    if failures:
-        if rank == 0:
-            print("FAILED " + "; ".join(failures), flush=True)
-        return 1
-    if rank == 0:
-        print(f"OK {size}", flush=True)
-    return 0
+    return finish(failures)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ stencil  set_stencil (this rank's block, the whole grid, a dof-7 Vec) gives
 import sys
 import traceback
 
-from mpisetup import PETSc, comm, mpi, rank, size  # noqa: E402,F401
+from mpisetup import PETSc, comm, finish, mpi, rank, size  # noqa: E402,F401
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 from scipy import ndimage  # noqa: E402
@@ -256,13 +256,7 @@ def main():
                 sys.stderr.write(f"[rank {rank}] {check.__name__}:\n{msg}\n")
         elif rank == 0:
             print(msg, flush=True)
-    if failures:
-        if rank == 0:
-            print("FAILED " + ", ".join(failures), flush=True)
-        return 1
-    if rank == 0:
-        print(f"OK {size}", flush=True)
-    return 0
+    return finish(failures, sep=", ")
 
 
 if __name__ == "__main__":

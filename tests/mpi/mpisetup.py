@@ -18,3 +18,12 @@ torch.set_num_threads(1)
 comm = PETSc.COMM_WORLD
 mpi = comm.tompi4py()
 rank, size = comm.getRank(), comm.getSize()
+
+
+def finish(failures, sep="; "):
+    """Rank 0's last line, "OK <ranks>" or "FAILED <what failed>", and the
+    exit code (the tests read that line)."""
+    if rank == 0:
+        print(f"FAILED {sep.join(failures)}" if failures else f"OK {size}", flush=True)
+    sys.stdout.flush()
+    return 1 if failures else 0
