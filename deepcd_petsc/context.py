@@ -24,7 +24,6 @@ class NetworkContext:
         from .petsc_compat import finalize_before_teardown
         finalize_before_teardown()
         self.model_path = None     # -model; None: the shipped model for the grid's dimension
-        self.loaded_path = None
         self.device = "cpu"
         self.dtype = "float32"
         self.threads = None
@@ -157,24 +156,29 @@ class NetworkContext:
     def _load_model(self, obj, A, dim=3):
         import torch
         from .memory import tune_malloc
-        from .model import ModelFileError, default_model_path, load_model
+        from .model import ModelFileError, load_model
         if self.threads:
             torch.set_num_threads(self.threads)
         self.torch_device = self._device(A.getComm())
         if self.torch_device == "cpu":
             tune_malloc()
-        path = self.model_path or default_model_path(dim)
+        key = self._model_key(dim)
+        path = key[0]
         try:
             self.net, self.ckpt = load_model(path, self.dtype, self.torch_device)
         except ModelFileError as e:
             raise SetupError(f"-{self.option_prefix(obj)}model: {e}") from None
-        self.loaded_path = path
         if self.levels:
             if not hasattr(self.net, "level_cap"):
                 raise SetupError(f"-{self.option_prefix(obj)}levels: the model {path!r} "
                                  f"has a fixed depth (U-Net); the option is for V-cycle models")
             self.net.level_cap = self.levels
-        self.loaded = self._model_key(dim)
+        self.loaded = key
+
+    @property
+    def loaded_path(self):
+        """The loaded model's file (-model, or the shipped one it defaulted to)."""
+        return self.loaded[0] if self.loaded else None
 
     def apply_network(self, x, y, scale, views=None):
         """y = f(scale·x) on the fluid cells, and (scaled) D⁻¹x on the

@@ -23,6 +23,16 @@ def _split(units, parts):
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
+def plan_divisors(plan):
+    """Cumulative (z, y, x) divisors of each level of a coarsening plan
+    ((fz, fy, fx) per level), finest first: level l's cells are the grid's
+    over divisors[l]."""
+    divs = [(1, 1, 1)]
+    for f in plan:
+        divs.append(tuple(d * k for d, k in zip(divs[-1], f)))
+    return divs
+
+
 def level_padding(shape, plan, gather=None):
     """(g, fine, coarse): how a grid of `shape` (z, y, x) is padded for a
     coarsening `plan` ((fz, fy, fx) per level). Without a gathered level
@@ -35,9 +45,7 @@ def level_padding(shape, plan, gather=None):
     block was 48³ instead of 40³). `gather`: mgnet.gather_level, decided on
     the fully padded grid's level sizes."""
     shape = tuple(int(s) for s in shape)
-    divs = [(1, 1, 1)]
-    for f in plan:
-        divs.append(tuple(d * k for d, k in zip(divs[-1], f)))
+    divs = plan_divisors(plan)
     full = tuple(-(-n // m) * m for n, m in zip(shape, divs[-1]))
     g = None if gather is None else gather(
         [int(np.prod([n // d for n, d in zip(full, div)])) for div in divs])
@@ -74,10 +82,7 @@ class Decomposition:
         if plan is None:
             plan = [(2, 2, 2)] * (int(multiple).bit_length() - 1)
         self.plan = [tuple(f) for f in plan]
-        # cumulative (z, y, x) divisors of each level, finest first
-        self.divisors = [(1, 1, 1)]
-        for f in self.plan:
-            self.divisors.append(tuple(d * k for d, k in zip(self.divisors[-1], f)))
+        self.divisors = plan_divisors(self.plan)
         self.multiples = tuple(reversed(self.divisors[-1]))       # (x, y, z)
         self.multiple = max(self.multiples)
         for n, per, m in zip(self.shape, self.periodic, self.multiples):

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .halo import level_padding
+from .halo import level_padding, plan_divisors
 from .model import Conv3d, pool2
 from .scenes import AIR, FLUID, SOLID
 
@@ -245,7 +245,7 @@ def describe_plan(plan):
 
 def plan_multiples(plan):
     """(z, y, x) padding multiples of a plan: the product of its factors."""
-    return tuple(math.prod(f[a] for f in plan) for a in range(3))
+    return plan_divisors(plan)[-1]
 
 
 def levels_for(shape, max_levels, coarsest, periodic=None):
