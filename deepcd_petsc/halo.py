@@ -33,7 +33,7 @@ def plan_divisors(plan):
     return divs
 
 
-def level_padding(shape, plan, gather=None):
+def level_padding(shape, plan, gather=None, periodic=None):
     """(g, fine, coarse): how a grid of `shape` (z, y, x) is padded for a
     coarsening `plan` ((fz, fy, fx) per level). Without a gathered level
     (g None) the fine grid is padded to the product of all factors. With
@@ -43,18 +43,34 @@ def level_padding(shape, plan, gather=None):
     padding then costs cells of a ≤ 32³ level, not a slab of the fine grid
     on the last rank of each axis (120³ on 27 ranks: the corner rank's
     block was 48³ instead of 40³). `gather`: mgnet.gather_level, decided on
-    the fully padded grid's level sizes."""
+    the fully padded grid's level sizes. `periodic` (z, y, x): those axes
+    are never padded (the wrap would see the padding); their levels are
+    ceil(n / divisor) long, the last aggregate holding the odd cell
+    (ragged_shape)."""
     shape = tuple(int(s) for s in shape)
+    per = tuple(bool(p) for p in (periodic or (False,) * 3))
     divs = plan_divisors(plan)
-    full = tuple(-(-n // m) * m for n, m in zip(shape, divs[-1]))
+
+    def pad(n, m, p):
+        return n if p else -(-n // m) * m
+
+    full = tuple(pad(n, m, p) for n, m, p in zip(shape, divs[-1], per))
     g = None if gather is None else gather(
-        [int(np.prod([n // d for n, d in zip(full, div)])) for div in divs])
+        [int(np.prod(ragged_shape(full, div))) for div in divs])
     if g is None:
         return None, full, None
-    fine = tuple(-(-n // m) * m for n, m in zip(shape, divs[g]))
+    fine = tuple(pad(n, m, p) for n, m, p in zip(shape, divs[g], per))
     below = tuple(m // d for m, d in zip(divs[-1], divs[g]))
-    coarse = tuple(-(-(n // d) // b) * b for n, d, b in zip(fine, divs[g], below))
+    coarse = tuple(pad(-(-n // d), b, p) for n, d, b, p in zip(fine, divs[g], below, per))
     return g, fine, coarse
+
+
+def ragged_shape(shape, divisor):
+    """A level's shape: ceil(n / d) per axis. Padded axes divide exactly;
+    an unpadded periodic axis of odd length at some level ends in a
+    one-cell aggregate there (mgnet.galerkin_coarsen passes the wrap
+    coupling through it)."""
+    return tuple(-(-int(n) // int(d)) for n, d in zip(shape, divisor))
 
 
 class Decomposition:
@@ -69,8 +85,9 @@ class Decomposition:
         align each axis to its own multiple). `ranges`: the application's
         DMDA ownership (cells per process along x, y, z); used as it is when
         already aligned, so that no scatter is needed (evaluator.py).
-        `periodic` (x, y, z): the halo wraps along those axes (their lengths
-        are multiples of the alignment: no padding there). `gather`: the
+        `periodic` (x, y, z): the halo wraps along those axes; they are
+        not padded, and the last block of such an axis ends at the grid's
+        end, ragged (level_padding). `gather`: the
         network's rule (mgnet.gather_level) for the first level computed
         whole on every rank; blocks then align only to that level's
         divisors, not to the coarsest level's, and the grid is padded only
@@ -85,10 +102,8 @@ class Decomposition:
         self.divisors = plan_divisors(self.plan)
         self.multiples = tuple(reversed(self.divisors[-1]))       # (x, y, z)
         self.multiple = max(self.multiples)
-        for n, per, m in zip(self.shape, self.periodic, self.multiples):
-            if per and n % m:
-                raise ValueError(f"periodic axis of {n} cells is not a multiple of {m}")
-        self.gather_from, fine, coarse = level_padding(self.shape[::-1], self.plan, gather)
+        self.gather_from, fine, coarse = level_padding(self.shape[::-1], self.plan, gather,
+                                                       self.periodic[::-1])
         self.padded = fine[::-1]
         # level gather_from's whole (z, y, x) shape, padded for the levels below
         self.gathered_shape = coarse
@@ -96,7 +111,8 @@ class Decomposition:
             # blocks: whole cells down to the gathered level, which is cut
             # back to them (own_block); the coarser levels run whole
             self.multiples = tuple(reversed(self.divisors[self.gather_from]))
-        units = [p // m for p, m in zip(self.padded, self.multiples)]
+        # (a ragged periodic axis: the last block takes the remainder)
+        units = [max(p // m, 1) for p, m in zip(self.padded, self.multiples)]
         self.rank = rank
         if ranges is not None and self._use_aligned(ranges, size):
             return
@@ -113,7 +129,8 @@ class Decomposition:
                 best = (key, (px, py, pz))
         self.procs = best[1]
         self.active_ranks = int(np.prod(self.procs))
-        self.starts = [_split(u, p) * m for u, p, m in zip(units, self.procs, self.multiples)]
+        self.starts = [np.concatenate([_split(u, p)[:-1] * m, [n]])
+                       for u, p, m, n in zip(units, self.procs, self.multiples, self.padded)]
         self._place()
 
     def _use_aligned(self, ranges, size):
@@ -184,8 +201,8 @@ class HaloExchange:
         d = self.dec
         g = d.gather_from
         if g is not None and level >= g:
-            return tuple(n * a // b for n, a, b in zip(d.gathered_shape, d.divisors[g], d.divisors[level]))
-        return tuple(n // k for n, k in zip(reversed(d.padded), d.divisors[level]))
+            return ragged_shape(d.gathered_shape, (b // a for a, b in zip(d.divisors[g], d.divisors[level])))
+        return ragged_shape(reversed(d.padded), d.divisors[level])
 
     def _level_offset(self, level):
         (x0, _), (y0, _), (z0, _) = self.dec.block
@@ -227,7 +244,8 @@ class HaloExchange:
         """This rank's block of a whole-level field."""
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block
         fz, fy, fx = self.dec.divisors[level]
-        return x[..., z0 // fz:z1 // fz, y0 // fy:y1 // fy, x0 // fx:x1 // fx]
+        # (starts are multiples; a ragged last block's end rounds up)
+        return x[..., z0 // fz:-(-z1 // fz), y0 // fy:-(-y1 // fy), x0 // fx:-(-x1 // fx)]
 
     def __call__(self, x, w):
         return self.fill(F.pad(x, (w,) * 6), w)

@@ -342,7 +342,9 @@ mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, cons
               const float *diag, const float *fluid, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
-    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
+    /* ragged: a periodic axis of odd length ends in a one-cell aggregate
+     * (its missing child counts as zero, halo.level_padding) */
+    int Dc = (D + fz - 1) / fz, Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
     float inv = 1.0f / (float)(fz * fy * fx);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int Z = 0; Z < Dc; Z++)
@@ -352,16 +354,21 @@ mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, cons
             for (int dz = 0; dz < fz; dz++)
                 for (int dy = 0; dy < fy; dy++) {
                     int z = fz * Z + dz, y = fy * Y + dy;
+                    if (z >= D || y >= H) continue;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     const float *bu = b + u, *fu = fluid + u, *du = diag + u;
                     if (fx == 2) {
-                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wp; X++) {
                             int x = 2 * X;
                             float r0 = bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
                             float r1 = bu[x + 1]
                                        - fu[x + 1] * (du[x + 1] * c[x + 1] - nbsum(c, x + 1, P, W2, zt_));
                             acc[X] += r0 + r1;
+                        }
+                        if (Wp < Wc) {
+                            int x = W - 1;
+                            acc[Wp] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
                         });
                     } else {
                         ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
@@ -480,7 +487,8 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
                const float *diag, const float *coef, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
-    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
+    /* ragged last aggregates as in mg_restrict_s */
+    int Dc = (D + fz - 1) / fz, Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
     float inv = 1.0f / (float)(fz * fy * fx);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int Z = 0; Z < Dc; Z++)
@@ -490,15 +498,20 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
             for (int dz = 0; dz < fz; dz++)
                 for (int dy = 0; dy < fy; dy++) {
                     int z = fz * Z + dz, y = fy * Y + dy;
+                    if (z >= D || y >= H) continue;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
-                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wp; X++) {
                             int x = 2 * X;
                             float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                             float r1 = b[u + x + 1]
                                        - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt_));
                             acc[X] += r0 + r1;
+                        }
+                        if (Wp < Wc) {
+                            int x = W - 1;
+                            acc[Wp] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                         });
                     } else {
                         ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
@@ -521,7 +534,8 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
                          const float *fluid, float *xp, int nt)
 {
     long H2 = H + 2, W2 = W + 2;
-    int Hc = H / fy, Wc = W / fx;
+    /* ragged last aggregates (restriction above): one child only */
+    int Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int z = 0; z < D; z++)
         for (int y = 0; y < H; y++) {
@@ -530,11 +544,12 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
             float *xo = ROW(xp, z, y, H2, W2);
             if (fx == 2) {
 #pragma omp simd
-                for (int X = 0; X < Wc; X++) {
+                for (int X = 0; X < Wp; X++) {
                     float v = scale * ec[X];
                     xo[2 * X] += v * fu[2 * X];
                     xo[2 * X + 1] += v * fu[2 * X + 1];
                 }
+                if (Wp < Wc) xo[W - 1] += scale * ec[Wp] * fu[W - 1];
             } else {
 #pragma omp simd
                 for (int x = 0; x < W; x++)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .halo import level_padding, plan_divisors
+from .halo import level_padding, plan_divisors, ragged_shape
 from .model import Conv3d, pool2
 from .scenes import AIR, FLUID, SOLID
 
@@ -123,15 +123,29 @@ def _children(x, f=(2, 2, 2)):
     return x.reshape(n, c, d // fz, fz, h // fy, fy, w // fx, fx)
 
 
+def pad_to_factors(x, f):
+    """x zero-padded at the far end of each axis to a multiple of f: the
+    missing child of a ragged periodic axis' last aggregate (level_padding)
+    restricts as zero."""
+    target = tuple(-(-n // k) * k for n, k in zip(x.shape[-3:], f))
+    return x if target == tuple(x.shape[-3:]) else F.pad(x, _end_pad(x.shape[-3:], target))
+
+
 def restrict_avg(x, f=(2, 2, 2)):
-    """The children's average (pool2 for any factors)."""
+    """The children's average (pool2 for any factors); a missing child of a
+    ragged aggregate counts as zero."""
+    x = pad_to_factors(x, f)
     return pool2(x) if tuple(f) == (2, 2, 2) else _children(x, f).mean(dim=(3, 5, 7))
 
 
-def prolong_nearest(e, f=(2, 2, 2)):
-    """Each coarse value copied to its children."""
-    return F.interpolate(e, scale_factor=tuple(f), mode="nearest") if tuple(f) == (2, 2, 2) \
+def prolong_nearest(e, f=(2, 2, 2), shape=None):
+    """Each coarse value copied to its children (cut to the fine `shape`
+    where the last aggregates are ragged)."""
+    x = F.interpolate(e, scale_factor=tuple(f), mode="nearest") if tuple(f) == (2, 2, 2) \
         else e.repeat_interleave(f[0], 2).repeat_interleave(f[1], 3).repeat_interleave(f[2], 4)
+    if shape is not None and tuple(shape) != tuple(x.shape[-3:]):
+        x = x[..., :shape[0], :shape[1], :shape[2]]
+    return x
 
 
 # a coarse face sums the 2×2 fine faces across it; Galerkin coarsening
@@ -165,7 +179,10 @@ def galerkin_coarsen(diag, coef, active, f=(2, 2, 2)):
     fz×fy×fx cells: a coarse face coupling sums the fine couplings across
     that face, a coarse diagonal the children's diagonals minus the
     couplings between children. diag (N, 1, ...) and coef (N, 6, ...) of
-    active rows only."""
+    active rows only. An axis of odd length (a ragged periodic one) gets a
+    virtual last cell that passes the last cell's far coupling (the wrap)
+    through: that aggregate is the last cell alone, exactly PᵀAP."""
+    diag, coef, active = _pass_through(diag, coef, active, f)
     d = _children(diag * active, f).sum(dim=(3, 5, 7))
     cf = _children(coef, f)
     out = []
@@ -184,6 +201,25 @@ def galerkin_coarsen(diag, coef, active, f=(2, 2, 2)):
             d = d - inner.sum(dim=rest)
     g = galerkin_factor(f)
     return d / g, torch.cat(out, 1) / g
+
+
+def _pass_through(diag, coef, active, f):
+    """galerkin_coarsen's virtual cells: on each axis not divisible by its
+    factor, one more cell with no diagonal and, as its far coupling, the
+    last cell's, whose own far coupling becomes 0."""
+    for fi, (axis, step) in enumerate(_FACES):
+        n, k = coef.shape[axis], f[axis + 3]
+        if step < 0 or n % k == 0:
+            continue
+        far = coef.narrow(axis, n - 1, 1)
+        virtual = torch.zeros_like(far)
+        virtual[:, fi] = far[:, fi]
+        coef = coef.clone()
+        coef.narrow(axis, n - 1, 1)[:, fi] = 0
+        coef = torch.cat([coef, virtual], axis)
+        diag, active = (pad_to_factors(t, tuple(k if a == axis + 3 else 1 for a in range(3)))
+                        for t in (diag, active))
+    return diag, coef, active
 
 
 def axis_strengths(stencil):
@@ -207,7 +243,8 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     axis halve, so that point smoothers still smooth along the weak axes; the
     strengths are then updated as Galerkin aggregation changes them (a face
     sums the couplings of the children across it). An axis halves while it
-    keeps ≥ `coarsest` cells (periodic: while 2 divides its length); no
+    keeps ≥ `coarsest` cells (an odd periodic length: the last aggregate
+    is ragged, level_padding); no
     semi-coarsening below DENSE_CELLS cells (that level is solved exactly:
     a 16×14×12 density scene took 12 iterations with one more, 8 without).
     """
@@ -221,8 +258,7 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     cum = [1, 1, 1]
     plan = []
     while len(plan) < max_levels - 1:
-        can = [int(n) / (2 * c) >= coarsest and (not p or int(n) % (2 * c) == 0)
-               for n, c, p in zip(shape, cum, per)]
+        can = [int(n) / (2 * c) >= coarsest for n, c in zip(shape, cum)]
         if not any(can):
             break
         smax = max(v for v, ok in zip(s, can) if ok)
@@ -471,7 +507,7 @@ class MGNet(nn.Module):
             plan = self.plan_for(shape, periodic, None if stencil is None
                                  else axis_strengths(torch.as_tensor(stencil).reshape((7,) + shape)))
             # padded as on several ranks: level g is padded, not the grid
-            g, fine, gshape = level_padding(shape, plan, gather_level)
+            g, fine, gshape = level_padding(shape, plan, gather_level, periodic)
             pad = [p - s for p, s in zip(fine, shape)]
             halo = wrap
         L = len(plan) + 1
@@ -518,13 +554,13 @@ class MGNet(nn.Module):
             if l > 0:
                 f = plan[l - 1]
                 if sd is not None:
-                    scale = F.avg_pool3d((sd * fl.double()).abs(), f) * math.prod(f)
+                    scale = F.avg_pool3d(pad_to_factors((sd * fl.double()).abs(), f), f) * math.prod(f)
                     sd, sc = galerkin_coarsen(sd, sc, fl.double(), f)
                     # a closed pocket inside one aggregate coarsens to a zero
                     # row (its constant is in A's null space): inactive
                     dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
-                    fl = F.max_pool3d(fl, f) * (~dead).float()
-                    air = F.max_pool3d(air, f) * (1 - fl)
+                    fl = F.max_pool3d(pad_to_factors(fl, f), f) * (~dead).float()
+                    air = F.max_pool3d(pad_to_factors(air, f), f) * (1 - fl)
                 else:
                     # a coarse cell is air if any child is, else fluid if any child is
                     air = F.max_pool3d(air, f)
@@ -685,7 +721,7 @@ class MGNet(nn.Module):
         if coarse["gathered"] and not whole:
             return geo["halo"].own_block(coarse["fluid"], l + 1)
         # without level l+1's own padding (level_padding)
-        d, h, w = (n // k for n, k in zip(geo["levels"][l]["fluid"].shape[-3:], geo["levels"][l]["factors"]))
+        d, h, w = ragged_shape(geo["levels"][l]["fluid"].shape[-3:], geo["levels"][l]["factors"])
         return coarse["fluid"][..., :d, :h, :w]
 
     def _cycle(self, geo, l, b, whole=False):
@@ -701,7 +737,7 @@ class MGNet(nn.Module):
         r = b - self._apply_A(lv, x, halo)
         f = lv["factors"]
         e, w = self._coarse(geo, l, restrict_avg(r, f) * self._coarse_mask(geo, l, whole), whole)
-        e = prolong_nearest(e, f) * lv["fluid"]
+        e = prolong_nearest(e, f, lv["fluid"].shape[-3:]) * lv["fluid"]
         x = x + (self.coarse_scale[l].to(x.dtype) if w is None else w) * e
         return self._smooth(self.post[l], lv["gates"][1], lv, b, x, halo, lv["taps"][1])
 
@@ -930,7 +966,7 @@ class MGNet(nn.Module):
             f["cmask"] = self._coarse_mask(geo, l, whole)[0, 0].contiguous()
         fac = lv["factors"]
         full = tuple(fac) == (2, 2, 2)
-        cb = torch.empty(D // fac[0], H // fac[1], W // fac[2], dtype=torch.float32, device=b.device)
+        cb = torch.empty(ragged_shape((D, H, W), fac), dtype=torch.float32, device=b.device)
         if not full and "coef" not in f:
             kern.restrict_fs(fac, xp, b, f["diag"], f["fluid"], f["cmask"], cb, f["flat"])
         elif not full:
