@@ -45,8 +45,7 @@ def level_padding(shape, plan, gather=None, periodic=None):
     block was 48³ instead of 40³). `gather`: mgnet.gather_level, decided on
     the fully padded grid's level sizes. `periodic` (z, y, x): those axes
     are never padded (the wrap would see the padding); their levels are
-    ceil(n / divisor) long, the last aggregate holding the odd cell
-    (ragged_shape)."""
+    floor(n / divisor) long (ragged_shape)."""
     shape = tuple(int(s) for s in shape)
     per = tuple(bool(p) for p in (periodic or (False,) * 3))
     divs = plan_divisors(plan)
@@ -61,16 +60,16 @@ def level_padding(shape, plan, gather=None, periodic=None):
         return None, full, None
     fine = tuple(pad(n, m, p) for n, m, p in zip(shape, divs[g], per))
     below = tuple(m // d for m, d in zip(divs[-1], divs[g]))
-    coarse = tuple(pad(-(-n // d), b, p) for n, d, b, p in zip(fine, divs[g], below, per))
+    coarse = tuple(pad(n // d, b, p) for n, d, b, p in zip(fine, divs[g], below, per))
     return g, fine, coarse
 
 
 def ragged_shape(shape, divisor):
-    """A level's shape: ceil(n / d) per axis. Padded axes divide exactly;
-    an unpadded periodic axis of odd length at some level ends in a
-    one-cell aggregate there (mgnet.galerkin_coarsen passes the wrap
-    coupling through it)."""
-    return tuple(-(-int(n) // int(d)) for n, d in zip(shape, divisor))
+    """A level's shape: floor(n / d) per axis. Padded axes divide exactly;
+    where an unpadded periodic axis is odd, its last aggregate takes three
+    cells (mgnet.fold_odd): floor(floor(n / 2) / 2) = floor(n / 4), so the
+    levels of blocks and of the whole grid agree."""
+    return tuple(int(n) // int(d) for n, d in zip(shape, divisor))
 
 
 class Decomposition:
@@ -111,7 +110,8 @@ class Decomposition:
             # blocks: whole cells down to the gathered level, which is cut
             # back to them (own_block); the coarser levels run whole
             self.multiples = tuple(reversed(self.divisors[self.gather_from]))
-        # (a ragged periodic axis: the last block takes the remainder)
+        # (a ragged periodic axis: the last block takes the remainder,
+        # which holds the three-cell last aggregates)
         units = [max(p // m, 1) for p, m in zip(self.padded, self.multiples)]
         self.rank = rank
         if ranges is not None and self._use_aligned(ranges, size):
@@ -135,8 +135,11 @@ class Decomposition:
 
     def _use_aligned(self, ranges, size):
         sizes = [np.asarray(r, dtype=int) for r in ranges]
+        # the last block of a ragged axis must hold its last aggregate at
+        # every level: it starts at most one multiple before the last one
         if int(np.prod([len(r) for r in sizes])) != size or any(
-                (r[:-1] % m).any() for r, m in zip(sizes, self.multiples)):
+                (r[:-1] % m).any() or r[:-1].sum() > max(n // m - 1, 0) * m
+                for r, m, n in zip(sizes, self.multiples, self.padded)):
             return False
         self.procs = tuple(len(r) for r in sizes)
         self.active_ranks = size
@@ -244,8 +247,7 @@ class HaloExchange:
         """This rank's block of a whole-level field."""
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block
         fz, fy, fx = self.dec.divisors[level]
-        # (starts are multiples; a ragged last block's end rounds up)
-        return x[..., z0 // fz:-(-z1 // fz), y0 // fy:-(-y1 // fy), x0 // fx:-(-x1 // fx)]
+        return x[..., z0 // fz:z1 // fz, y0 // fy:y1 // fy, x0 // fx:x1 // fx]
 
     def __call__(self, x, w):
         return self.fill(F.pad(x, (w,) * 6), w)

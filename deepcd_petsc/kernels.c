@@ -165,6 +165,10 @@ int deepcd_step(long n, double alpha, double *x, const double *d, double *r,
 #define ZT_SPLIT(...) do { if (zt) { const int zt_ = 1; __VA_ARGS__ } \
                            else { const int zt_ = 0; __VA_ARGS__ } } while (0)
 
+/* children of aggregate I of a halved axis of n cells (nc = n / 2
+ * aggregates): f, or 3 for the last one of an odd axis (mgnet.fold_odd) */
+#define LAST3(I, nc, n, f) ((f) == 2 && (I) == (nc) - 1 && ((n) & 1) ? 3 : (f))
+
 /* the unit operator's neighbour sum (6 neighbours; 4 on a 2D grid) */
 static inline __attribute__((always_inline)) float nbsum(const float *c, int x, long P, long W2,
                                                          int zt)
@@ -342,33 +346,33 @@ mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, cons
               const float *diag, const float *fluid, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2;
-    /* ragged: a periodic axis of odd length ends in a one-cell aggregate
-     * (its missing child counts as zero, halo.level_padding) */
-    int Dc = (D + fz - 1) / fz, Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
+    /* an odd (periodic) axis: its last aggregate takes three cells
+     * (mgnet.fold_odd, halo.ragged_shape) */
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
     float inv = 1.0f / (float)(fz * fy * fx);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int Z = 0; Z < Dc; Z++)
         for (int Y = 0; Y < Hc; Y++) {
             float acc[Wc > 0 ? Wc : 1];
             for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
-            for (int dz = 0; dz < fz; dz++)
-                for (int dy = 0; dy < fy; dy++) {
+            int nz = LAST3(Z, Dc, D, fz), ny = LAST3(Y, Hc, H, fy);
+            for (int dz = 0; dz < nz; dz++)
+                for (int dy = 0; dy < ny; dy++) {
                     int z = fz * Z + dz, y = fy * Y + dy;
-                    if (z >= D || y >= H) continue;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     const float *bu = b + u, *fu = fluid + u, *du = diag + u;
                     if (fx == 2) {
-                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wp; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
                             float r0 = bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
                             float r1 = bu[x + 1]
                                        - fu[x + 1] * (du[x + 1] * c[x + 1] - nbsum(c, x + 1, P, W2, zt_));
                             acc[X] += r0 + r1;
                         }
-                        if (Wp < Wc) {
+                        if (W & 1) {
                             int x = W - 1;
-                            acc[Wp] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
+                            acc[Wc - 1] += bu[x] - fu[x] * (du[x] * c[x] - nbsum(c, x, P, W2, zt_));
                         });
                     } else {
                         ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
@@ -487,31 +491,31 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
                const float *diag, const float *coef, const float *cmask, float *cb, int nt, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
-    /* ragged last aggregates as in mg_restrict_s */
-    int Dc = (D + fz - 1) / fz, Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
+    /* odd (periodic) axes as in mg_restrict_s */
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
     float inv = 1.0f / (float)(fz * fy * fx);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int Z = 0; Z < Dc; Z++)
         for (int Y = 0; Y < Hc; Y++) {
             float acc[Wc > 0 ? Wc : 1];
             for (int X = 0; X < Wc; X++) acc[X] = 0.0f;
-            for (int dz = 0; dz < fz; dz++)
-                for (int dy = 0; dy < fy; dy++) {
+            int nz = LAST3(Z, Dc, D, fz), ny = LAST3(Y, Hc, H, fy);
+            for (int dz = 0; dz < nz; dz++)
+                for (int dy = 0; dy < ny; dy++) {
                     int z = fz * Z + dz, y = fy * Y + dy;
-                    if (z >= D || y >= H) continue;
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
-                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wp; X++) {
+                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
                             float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                             float r1 = b[u + x + 1]
                                        - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt_));
                             acc[X] += r0 + r1;
                         }
-                        if (Wp < Wc) {
+                        if (W & 1) {
                             int x = W - 1;
-                            acc[Wp] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
+                            acc[Wc - 1] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
                         });
                     } else {
                         ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
@@ -534,22 +538,23 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
                          const float *fluid, float *xp, int nt)
 {
     long H2 = H + 2, W2 = W + 2;
-    /* ragged last aggregates (restriction above): one child only */
-    int Hc = (H + fy - 1) / fy, Wc = (W + fx - 1) / fx, Wp = W / fx;
+    /* an odd axis' last cell belongs to the last aggregate (restriction) */
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int z = 0; z < D; z++)
         for (int y = 0; y < H; y++) {
             long u = ((long)z * H + y) * W;
-            const float *ec = e + ((long)(z / fz) * Hc + y / fy) * Wc, *fu = fluid + u;
+            int Z = z / fz < Dc ? z / fz : Dc - 1, Y = y / fy < Hc ? y / fy : Hc - 1;
+            const float *ec = e + ((long)Z * Hc + Y) * Wc, *fu = fluid + u;
             float *xo = ROW(xp, z, y, H2, W2);
             if (fx == 2) {
 #pragma omp simd
-                for (int X = 0; X < Wp; X++) {
+                for (int X = 0; X < Wc; X++) {
                     float v = scale * ec[X];
                     xo[2 * X] += v * fu[2 * X];
                     xo[2 * X + 1] += v * fu[2 * X + 1];
                 }
-                if (Wp < Wc) xo[W - 1] += scale * ec[Wp] * fu[W - 1];
+                if (W & 1) xo[W - 1] += scale * ec[Wc - 1] * fu[W - 1];
             } else {
 #pragma omp simd
                 for (int x = 0; x < W; x++)

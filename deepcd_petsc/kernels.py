@@ -55,7 +55,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]     # then -march=native, or without
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]     # then -march=native, or without
 MAXK = 16      # vectors per fused reduction (MAXK in kernels.c)
 LOCK = ".deepcd_kernels.lock"
 _state = {"lib": None, "status": None}

@@ -44,12 +44,13 @@ def _run(p, nx, ny, out, *opts):
     return dict(np.load(out))
 
 
-# (grid, options, rank counts): odd and non-square grids; a periodic axis
-# must be divisible by its coarsening factors (40 = 8·5), a probed one by
-# the 5 colours
+# (grid, options, rank counts): odd and non-square grids; odd periodic
+# axes end in ragged aggregates (45, 37, 35); 40 = 8·5 is divided exactly
 CASES = [
     ((45, 37), ("--jump",), (2, 3, 4, 6)),
     ((40, 37), ("--periodic", "x"), (6,)),
+    ((45, 37), ("--periodic", "xy", "--jump"), (2, 3, 4)),
+    ((77, 36), ("--periodic", "x"), (2, 6)),
     ((32, 24), ("--periodic", "xy", "--jump"), (4,)),
     ((45, 35), ("--shell", "--periodic", "y"), (3,)),
     ((33, 50), ("--pc",), (3,)),

@@ -52,6 +52,11 @@ def test_plan_respects_coarsest_and_periodic_lengths():
     assert plan_multiples(plan)[0] == 2
     plan = coarsening_plan((64, 64, 24), 7, 4, (False, False, True), strengths=(1.0, 1.0, 1.0, 1))
     assert 24 % plan_multiples(plan)[2] == 0 and plan_multiples(plan)[2] <= 8
+    # a periodic axis of odd length coarsens too (its last aggregate is
+    # ragged): ex66's 257 cells as often as a padded 257
+    for per in (False, True):
+        plan = coarsening_plan((1, 257, 257), 7, 4, (False, False, per), strengths=(0.0, 1.0, 1.0, 1))
+        assert plan_multiples(plan)[1:] == (64, 64), plan
 
 
 @pytest.mark.parametrize("scene,expect", [("aniso", (2, 1, 1)), ("stretch", (1, 2, 2)),
@@ -66,18 +71,23 @@ def test_family_strengths_choose_the_first_coarsening(scene, expect):
 
 # ------------------------------------------------------------------ Galerkin
 def aggregation(shape_zyx, f):
+    """P of piecewise-constant aggregation; an odd axis' last aggregate
+    takes three cells."""
     k, j, i = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")
     coarse = tuple(n // q for n, q in zip(shape_zyx, f))
     n = int(np.prod(shape_zyx))
-    return sp.csr_matrix((np.ones(n), (nat(k, j, i, shape_zyx).ravel(),
-                                       nat(k // f[0], j // f[1], i // f[2], coarse).ravel())),
+    parent = [np.minimum(ax // q, nc - 1) for ax, q, nc in zip((k, j, i), f, coarse)]
+    return sp.csr_matrix((np.ones(n), (nat(k, j, i, shape_zyx).ravel(), nat(*parent, coarse).ravel())),
                          shape=(n, int(np.prod(coarse))))
 
 
 @pytest.mark.parametrize("scene", ["aniso", "density", "periodic"])
-@pytest.mark.parametrize("f", [(2, 1, 1), (1, 2, 2), (1, 1, 2), (2, 2, 1)])
-def test_semicoarsened_galerkin_is_ptap(scene, f):
-    p = problem(scene, (8, 6, 10), seed=3)
+@pytest.mark.parametrize("f", [(2, 1, 1), (1, 2, 2), (1, 1, 2), (2, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(8, 6, 10), (7, 5, 9)])
+def test_semicoarsened_galerkin_is_ptap(scene, f, shape):
+    """Also on odd lengths, where the last aggregate takes three cells
+    (the periodic scene's y and x wrap there: mgnet._merge_odd)."""
+    p = problem(scene, shape, seed=3)
     st = stencil.from_aij(p.da, p.A, local_shape(p.da))
     active = p.flags == FLUID
     t = torch.from_numpy
@@ -102,6 +112,43 @@ def test_decomposition_aligns_each_axis_to_its_plan():
         for (lo, hi), m in zip(dr.block, dr.multiples):
             assert lo % m == 0 and hi % m == 0
     assert Decomposition((24, 20, 40), 4, 4, 0).plan == [(2, 2, 2)] * 2
+
+
+def test_ragged_periodic_axis_blocks_and_levels():
+    """An odd periodic axis is not padded: blocks start on multiples, the
+    last ends at the grid's end and holds the three-cell last aggregates,
+    and each level is floor(n / divisor) long on every rank (own_block of
+    the whole level gives the block's cells)."""
+    from deepcd_petsc.halo import HaloExchange, level_padding
+    from deepcd_petsc.mgnet import gather_level
+    plan = [(1, 2, 2)] * 4 + [(1, 1, 2)] * 2
+    g, fine, coarse = level_padding((1, 37, 257), plan, gather_level, (False, False, True))
+    assert fine[2] == 257 and fine[1] % 2 ** g == 0
+    assert coarse[2] == 257 // 2 ** g
+    for size in (2, 3, 4):
+        cells = set()
+        for r in range(size):
+            d = Decomposition((257, 37, 1), None, size, r, periodic=(True, False, False),
+                              plan=plan, gather=gather_level)
+            assert d.padded[0] == 257
+            if not d.active:
+                continue
+            (x0, x1), _, _ = d.block
+            assert x0 % d.multiples[0] == 0 and x1 <= 257
+            assert x1 < 257 or x0 <= 257 - d.multiples[0] - 1
+            h = HaloExchange.__new__(HaloExchange)
+            h.dec = d
+            for lev in range(len(plan) + 1):
+                shape = h.level_shape(lev)
+                assert shape[2] == 257 // 2 ** min(lev, 6), (lev, shape)
+            whole = torch.arange(257.0)[None, None, None, None].expand(1, 1, 1, 1, 257)
+            cells.update(h.own_block(whole, 0)[..., 0, 0, :].reshape(-1).tolist())
+        assert cells == set(range(257))
+    # an aligned DMDA split whose last block is too short for the last
+    # aggregate (256 + 1 cells) is not used as it is
+    d = Decomposition((257, 37, 1), None, 2, 1, ranges=([256, 1], [37], [1]),
+                      periodic=(True, False, False), plan=plan, gather=gather_level)
+    assert d.block[0][0] <= 257 - d.multiples[0] - 1
 
 
 @pytest.mark.mpi
