@@ -72,7 +72,9 @@ class NetworkEvaluator:
                                  self.comm.getRank(), ranges=da.getOwnershipRanges(),
                                  periodic=per_xyz,
                                  plan=self._plan(net, stencil_local, periodic, mpicomm),
-                                 gather=_gather_rule(net))
+                                 gather=_gather_rule(net),
+                                 # coefficient levels pad no axis (mgnet.prepare)
+                                 unpadded=(stencil_local is not None,) * 3)
         # the application's split is already aligned: its blocks are ours,
         # and apply() reads and writes the Vecs without the VecScatter
         box = ((xs, xe), (ys, ye), (zs, ze))

@@ -77,16 +77,17 @@ class Decomposition:
     Px·Py·Pz (when P has no fitting factorisation) hold no block."""
 
     def __init__(self, shape_xyz, multiple, size, rank, ranges=None, periodic=(False,) * 3,
-                 plan=None, gather=None):
+                 plan=None, gather=None, unpadded=None):
         """`multiple`: the block alignment, one for all axes (2^(levels−1)),
         or None with `plan`: the network's coarsening factors per level,
         (fz, fy, fx) each (mgnet.coarsening_plan; semi-coarsened levels
         align each axis to its own multiple). `ranges`: the application's
         DMDA ownership (cells per process along x, y, z); used as it is when
         already aligned, so that no scatter is needed (evaluator.py).
-        `periodic` (x, y, z): the halo wraps along those axes; they are
-        not padded, and the last block of such an axis ends at the grid's
-        end, ragged (level_padding). `gather`: the
+        `periodic` (x, y, z): the halo wraps along those axes. `unpadded`
+        (x, y, z; default: the periodic ones): axes not padded, whose last
+        block ends at the grid's end, ragged (level_padding; the
+        coefficient levels pad none). `gather`: the
         network's rule (mgnet.gather_level) for the first level computed
         whole on every rank; blocks then align only to that level's
         divisors, not to the coarsest level's, and the grid is padded only
@@ -101,8 +102,9 @@ class Decomposition:
         self.divisors = plan_divisors(self.plan)
         self.multiples = tuple(reversed(self.divisors[-1]))       # (x, y, z)
         self.multiple = max(self.multiples)
+        self.unpadded = self.periodic if unpadded is None else tuple(bool(u) for u in unpadded)
         self.gather_from, fine, coarse = level_padding(self.shape[::-1], self.plan, gather,
-                                                       self.periodic[::-1])
+                                                       self.unpadded[::-1])
         self.padded = fine[::-1]
         # level gather_from's whole (z, y, x) shape, padded for the levels below
         self.gathered_shape = coarse

@@ -522,7 +522,10 @@ class MGNet(nn.Module):
             plan = self.plan_for(shape, periodic, None if stencil is None
                                  else axis_strengths(torch.as_tensor(stencil).reshape((7,) + shape)))
             # padded as on several ranks: level g is padded, not the grid
-            g, fine, gshape = level_padding(shape, plan, gather_level, periodic)
+            # the coefficient levels pad no axis: an odd one's last
+            # aggregate takes three cells (fold_odd) instead
+            g, fine, gshape = level_padding(shape, plan, gather_level,
+                                            periodic if stencil is None else (True,) * 3)
             pad = [p - s for p, s in zip(fine, shape)]
             halo = wrap
         L = len(plan) + 1

@@ -182,12 +182,13 @@ def test_switch_option_validated():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("fam,shape", [("density", "20,24,16"), ("stretch", "20,24,16"),
-                                       ("periodic", "20,24,16"), ("periodic", "37,27,16")])
+                                       ("periodic", "20,24,16"), ("periodic", "37,27,16"),
+                                       ("perm", "37,27,21")])
 def test_family_same_iterations_on_ranks(fam, shape):
     """The coefficient levels (Galerkin coarsening, gathered coarse
     levels, the coarsest pseudo-inverse) on 2 and 3 ranks: serial
-    iterations, same solution to rounding; also with odd periodic x and y
-    (ragged last aggregates, the last block of each axis ragged)."""
+    iterations, same solution to rounding; also on odd lengths, periodic
+    or not (three-cell last aggregates in the last block of each axis)."""
     import json
     from helpers import run_cli_mpi
     args = ["solve", "--scene", fam, "--shape", shape, "--seed", "4", "--json",
@@ -303,7 +304,8 @@ def test_ex45_anisotropic_grid_not_worse_than_gamg(grid, tmp_path):
 
 
 @pytest.mark.parametrize("fam,shape", [(f, (16, 16, 16)) for f in FAMILIES]
-                         + [("periodic", (16, 41, 45)), ("periodic", (1, 33, 45))])
+                         + [("periodic", (16, 41, 45)), ("periodic", (1, 33, 45)),
+                            ("density", (21, 19, 27))])
 def test_fused_coefficient_kernels_equal_torch(fam, shape):
     """kernels.c's coefficient passes (mgc_resid, mgc_step, mgc_restrict)
     and the coarse-level energy weight give the torch path's result; also
@@ -328,8 +330,9 @@ def test_fused_coefficient_kernels_equal_torch(fam, shape):
         geo = net.prepare(torch.as_tensor(flags), None, stencil=s7, periodic=st.periodic)
         assert net.kernels_name(geo) == "fused C kernels"
         if shape[-1] % 2:
-            # the odd periodic x coarsens: the ragged kernels run
+            # the odd x coarsens, unpadded: the three-cell aggregates run
             assert geo["L"] > 2 and any(f[2] == 2 for f in geo["plan"]), geo["plan"]
+            assert geo["pad"] == [0, 0, 0] and geo["levels"][1]["fluid"].shape[-1] == shape[-1] // 2
         r = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
         net.fused = False
         y0 = net(r, geo)
