@@ -434,8 +434,10 @@ class NetworkContext:
         if ev is not None:
             if ev.dec is not None:
                 d = ev.dec
+                grid = "x".join(map(str, d.padded))
+                grid = f"{grid} grid (not padded)" if d.padded == d.shape else f"{grid} padded grid"
                 p(f"  distributed evaluation: {d.procs[0]}x{d.procs[1]}x{d.procs[2]} aligned blocks "
-                  f"of the {'x'.join(map(str, d.padded))} padded grid on {d.active_ranks} rank(s)\n")
+                  f"of the {grid} on {d.active_ranks} rank(s)\n")
             if getattr(ev, "geo", None) is not None and hasattr(self.net, "kernels_name"):
                 p(f"  network inference: {self.net.kernels_name(ev.geo)}\n")
             if ev.calls:
