@@ -398,21 +398,31 @@ void deepcd_mg_restrict_s(int D, int H, int W, int fz, int fy, int fx, const flo
  * coef: six (D, H, W) planes, z-, z+, y-, y+, x-, x+ (the order of
  * mgnet._FACES), zero on inactive rows and towards inactive cells; tnorm:
  * the per-row scale of the smoothing taps' face weights (smooth_update_c). */
+/* face f's coupling of cell u + x: a plane per face (cs = 1), or one value
+ * per face for the whole level (cs = 0: mgnet's axis-uniform levels, six
+ * floats; the same arithmetic, so the same result, as their planes) */
+#define KC(k, f, N, u, x, cs) ((cs) ? (k)[(f) * (N) + (u) + (x)] : (k)[f])
 static inline __attribute__((always_inline)) float
-coupled(const float *c, long u, int x, long N, long P, long W2, const float *k, int zt)
+coupled(const float *c, long u, int x, long N, long P, long W2, const float *k, int zt, int cs)
 {
     if (!zt)      /* a 2D grid: no z neighbours, the z planes are never read */
-        return k[2 * N + u + x] * c[x - W2] + k[3 * N + u + x] * c[x + W2]
-               + k[4 * N + u + x] * c[x - 1] + k[5 * N + u + x] * c[x + 1];
-    return k[u + x] * c[x - P] + k[N + u + x] * c[x + P] + k[2 * N + u + x] * c[x - W2]
-           + k[3 * N + u + x] * c[x + W2] + k[4 * N + u + x] * c[x - 1]
-           + k[5 * N + u + x] * c[x + 1];
+        return KC(k, 2, N, u, x, cs) * c[x - W2] + KC(k, 3, N, u, x, cs) * c[x + W2]
+               + KC(k, 4, N, u, x, cs) * c[x - 1] + KC(k, 5, N, u, x, cs) * c[x + 1];
+    return KC(k, 0, N, u, x, cs) * c[x - P] + KC(k, 1, N, u, x, cs) * c[x + P]
+           + KC(k, 2, N, u, x, cs) * c[x - W2] + KC(k, 3, N, u, x, cs) * c[x + W2]
+           + KC(k, 4, N, u, x, cs) * c[x - 1] + KC(k, 5, N, u, x, cs) * c[x + 1];
 }
+/* ZT_SPLIT for cs too (a variable again inside parallel regions) */
+#define ZC_SPLIT(...) do { if (cs) { const int cs_ = 1; ZT_SPLIT(__VA_ARGS__); } \
+                           else { const int cs_ = 0; ZT_SPLIT(__VA_ARGS__); } } while (0)
+/* the exported coefficient passes: cs and zt as compile-time constants */
+#define ZC_DISPATCH(body, ...) do { if (cs) ZT_DISPATCH(body, __VA_ARGS__, 1); \
+                                    else ZT_DISPATCH(body, __VA_ARGS__, 0); } while (0)
 
 
 static inline __attribute__((always_inline)) void
 mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
-          const float *coef, float *sp, int nt, int zt)
+          const float *coef, float *sp, int nt, int cs, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -421,15 +431,15 @@ mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *din
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float *so = ROW(sp, z, y, H2, W2);
-            ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
-                so[x] = (coupled(c, u, x, N, P, W2, coef, zt_) + b[u + x]) * dinv[u + x] - c[x];);
+            ZC_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                so[x] = (coupled(c, u, x, N, P, W2, coef, zt_, cs_) + b[u + x]) * dinv[u + x] - c[x];);
         }
 }
 
 void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, const float *dinv,
-                      const float *coef, float *sp, int zt, int nt)
+                      const float *coef, float *sp, int cs, int zt, int nt)
 {
-    ZT_DISPATCH(mgc_resid, D, H, W, xp, b, dinv, coef, sp, nt);
+    ZC_DISPATCH(mgc_resid, D, H, W, xp, b, dinv, coef, sp, nt);
 }
 
 /* the taps' per-face weight min(c_f · tnorm, 1), tnorm = 1/√(c_max·c_mean)
@@ -437,10 +447,10 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
  * and level less) */
 /* a ternary, not fminf: fminf's NaN rules kept the loop scalar (10x slower) */
 static inline float tw1(float v) { return v < 1.0f ? v : 1.0f; }
-#define TW(f) tw1(k[(f) * N + u + x] * t)
+#define TW(f) tw1(KC(k, f, N, u, x, cs) * t)
 static inline __attribute__((always_inline)) float
 smooth_update_c(const float *c, long u, int x, long N, long P, long W2, const float *w,
-                const float *k, const float *tn, float g, int zt)
+                const float *k, const float *tn, float g, int zt, int cs)
 {
     float t = tn[u + x];
     if (!zt)
@@ -454,7 +464,7 @@ smooth_update_c(const float *c, long u, int x, long N, long P, long W2, const fl
 
 static inline __attribute__((always_inline)) void
 mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
-         const float *tnorm, const float *g, float *xp, int first, int nt, int zt)
+         const float *tnorm, const float *g, float *xp, int first, int nt, int cs, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
@@ -464,19 +474,19 @@ mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef
             const float *c = ROW(sp, z, y, H2, W2);
             float *xo = ROW(xp, z, y, H2, W2);
             if (first) {
-                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
-                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
+                ZC_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] = smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_, cs_););
             } else {
-                ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
-                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_););
+                ZC_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                    xo[x] += smooth_update_c(c, u, x, N, P, W2, w, coef, tnorm, g[u + x], zt_, cs_););
             }
         }
 }
 
 void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const float *coef,
-                     const float *tnorm, const float *g, float *xp, int first, int zt, int nt)
+                     const float *tnorm, const float *g, float *xp, int first, int cs, int zt, int nt)
 {
-    ZT_DISPATCH(mgc_step, D, H, W, sp, w, coef, tnorm, g, xp, first, nt);
+    ZC_DISPATCH(mgc_step, D, H, W, sp, w, coef, tnorm, g, xp, first, nt);
 }
 
 /* (the 2x2x2 restriction of coefficient levels is deepcd_mgc_restrict_s
@@ -486,9 +496,20 @@ void deepcd_mgc_step(int D, int H, int W, const float *sp, const float *w, const
  * The same restriction (average of the children's residuals) and
  * prolongation as above for aggregates of fz × fy × fx cells (anisotropic
  * operators coarsen only their strongly coupled axes, mgnet.coarsening_plan). */
+/* a row's residual b − (diag·x − Σ coupling·x): six values couple inactive
+ * rows to their neighbours too, so there it is masked (planes hold zeros) */
+static inline __attribute__((always_inline)) float
+row_resid(const float *b, const float *diag, const float *fl, const float *c, long u, int x, long N,
+          long P, long W2, const float *coef, int zt, int cs)
+{
+    float r = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt, cs));
+    return cs ? r : fl[u + x] * r;
+}
+
 static inline __attribute__((always_inline)) void
 mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, const float *b,
-               const float *diag, const float *coef, const float *cmask, float *cb, int nt, int zt)
+               const float *diag, const float *coef, const float *fl, const float *cmask, float *cb,
+               int nt, int cs, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     /* odd (periodic) axes as in mg_restrict_s */
@@ -506,20 +527,17 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
                     long u = ((long)z * H + y) * W;
                     const float *c = ROW(xp, z, y, H2, W2);
                     if (fx == 2) {      /* both children per step (stride-2 loads vectorise) */
-                        ZT_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
+                        ZC_SPLIT(_Pragma("omp simd") for (int X = 0; X < Wc; X++) {
                             int x = 2 * X;
-                            float r0 = b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
-                            float r1 = b[u + x + 1]
-                                       - (diag[u + x + 1] * c[x + 1] - coupled(c, u, x + 1, N, P, W2, coef, zt_));
+                            float r0 = row_resid(b, diag, fl, c, u, x, N, P, W2, coef, zt_, cs_);
+                            float r1 = row_resid(b, diag, fl, c, u, x + 1, N, P, W2, coef, zt_, cs_);
                             acc[X] += r0 + r1;
                         }
-                        if (W & 1) {
-                            int x = W - 1;
-                            acc[Wc - 1] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_));
-                        });
+                        if (W & 1)
+                            acc[Wc - 1] += row_resid(b, diag, fl, c, u, W - 1, N, P, W2, coef, zt_, cs_););
                     } else {
-                        ZT_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
-                            acc[x] += b[u + x] - (diag[u + x] * c[x] - coupled(c, u, x, N, P, W2, coef, zt_)););
+                        ZC_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                            acc[x] += row_resid(b, diag, fl, c, u, x, N, P, W2, coef, zt_, cs_););
                     }
                 }
             long v = ((long)Z * Hc + Y) * Wc;
@@ -528,10 +546,10 @@ mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp, con
 }
 
 void deepcd_mgc_restrict_s(int D, int H, int W, int fz, int fy, int fx, const float *xp,
-                           const float *b, const float *diag, const float *coef,
-                           const float *cmask, float *cb, int zt, int nt)
+                           const float *b, const float *diag, const float *coef, const float *fl,
+                           const float *cmask, float *cb, int cs, int zt, int nt)
 {
-    ZT_DISPATCH(mgc_restrict_s, D, H, W, fz, fy, fx, xp, b, diag, coef, cmask, cb, nt);
+    ZC_DISPATCH(mgc_restrict_s, D, H, W, fz, fy, fx, xp, b, diag, coef, fl, cmask, cb, nt);
 }
 
 void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const float *e, float scale,
@@ -711,7 +729,7 @@ long deepcd_csr_read(int zm, int ym, int xm, long lo, const void *ai, const void
  * correction's energy-optimal step (mgnet._energy_step) in one pass */
 static inline __attribute__((always_inline)) void
 mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
-           const float *coef, double *out, int nt, int zt)
+           const float *coef, double *out, int nt, int cs, int zt)
 {
     long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
     double num = 0.0, den = 0.0;
@@ -722,10 +740,10 @@ mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *d
             long u = ((long)z * H + y) * W;
             const float *c = ROW(xp, z, y, H2, W2);
             float n1 = 0.0f, d1 = 0.0f;
-            ZT_SPLIT(_Pragma("omp simd reduction(+:n1, d1)") for (int x = 0; x < W; x++) {
+            ZC_SPLIT(_Pragma("omp simd reduction(+:n1, d1)") for (int x = 0; x < W; x++) {
                 float e = c[x];
                 n1 += e * cb[u + x];
-                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt_));
+                d1 += e * (diag[u + x] * e - coupled(c, u, x, N, P, W2, coef, zt_, cs_));
             });
             num += n1;
             den += d1;
@@ -735,7 +753,7 @@ mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *d
 }
 
 void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, const float *diag,
-                       const float *coef, double *out, int zt, int nt)
+                       const float *coef, double *out, int cs, int zt, int nt)
 {
-    ZT_DISPATCH(mgc_energy, D, H, W, xp, cb, diag, coef, out, nt);
+    ZC_DISPATCH(mgc_energy, D, H, W, xp, cb, diag, coef, out, nt);
 }

@@ -82,12 +82,13 @@ MG_SIGNATURES = {
     "deepcd_mg_restrict": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int],
     "deepcd_mg_restrict_s": [_int] * 6 + [_v] * 6 + [_int, _int],
     # levels with coefficients (stencil.py)
-    "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int],
-    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int, _int],
+    # (cs before zt: 1 with a coupling plane per face, 0 with one value per face)
+    "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int, _int],
+    "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int, _int, _int],
     # semi-coarsened levels (factors per axis)
-    "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 6 + [_int, _int],
+    "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 7 + [_int, _int, _int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
-    "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int],
+    "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int, _int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -542,36 +543,51 @@ class CKernels:
                                       cb.data_ptr(), int(not flat), self.nt())
 
     def resid_c(self, xp, b, dinv, coef, sp, flat=False):
+        """coef: (6, D, H, W) planes, or 6 values (an axis-uniform level)."""
         self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
-                                  coef.data_ptr(), sp.data_ptr(), int(not flat), self.nt())
+                                  coef.data_ptr(), sp.data_ptr(), _planes(coef, b), int(not flat),
+                                  self.nt())
 
     def step_c(self, sp, w, coef, tnorm, g, xp, first, flat=False):
         self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), coef.data_ptr(),
-                                 tnorm.data_ptr(),
-                                 g.data_ptr(), xp.data_ptr(), int(first), int(not flat), self.nt())
+                                 tnorm.data_ptr(), g.data_ptr(), xp.data_ptr(), int(first),
+                                 _planes(coef, g), int(not flat), self.nt())
 
-    def restrict_c(self, xp, b, diag, coef, cmask, cb, flat=False):
-        self.restrict_s((2, 2, 2), xp, b, diag, coef, cmask, cb, flat)
+    def restrict_c(self, xp, b, diag, coef, fluid, cmask, cb, flat=False):
+        self.restrict_s((2, 2, 2), xp, b, diag, coef, fluid, cmask, cb, flat)
 
     def prolong(self, e, scale, fluid, xp):
         self.prolong_s((2, 2, 2), e, scale, fluid, xp)
 
-    def restrict_s(self, factors, xp, b, diag, coef, cmask, cb, flat=False):
-        """restrict_c for aggregates of factors (fz, fy, fx) cells."""
+    def restrict_s(self, factors, xp, b, diag, coef, fluid, cmask, cb, flat=False):
+        """restrict_c for aggregates of factors (fz, fy, fx) cells; fluid
+        masks the rows of a level with six coupling values."""
         self.lib.deepcd_mgc_restrict_s(*b.shape, *factors, xp.data_ptr(), b.data_ptr(),
-                                       diag.data_ptr(), coef.data_ptr(), cmask.data_ptr(),
-                                       cb.data_ptr(), int(not flat), self.nt())
+                                       diag.data_ptr(), coef.data_ptr(), fluid.data_ptr(),
+                                       cmask.data_ptr(), cb.data_ptr(), _planes(coef, b),
+                                       int(not flat), self.nt())
 
     def energy(self, xp, cb, diag, coef, flat=False):
         """(Σ e·cb, Σ e·Ae) of a coefficient level, e in xp (ghosts filled)."""
         out = (ctypes.c_double * 2)()
         self.lib.deepcd_mgc_energy(*cb.shape, xp.data_ptr(), cb.data_ptr(), diag.data_ptr(),
-                                   coef.data_ptr(), out, int(not flat), self.nt())
+                                   coef.data_ptr(), out, _planes(coef, cb), int(not flat), self.nt())
         return out[0], out[1]
 
     def prolong_s(self, factors, e, scale, fluid, xp):
         self.lib.deepcd_mg_prolong_s(*fluid.shape, *factors, e.data_ptr(), float(scale),
                                      fluid.data_ptr(), xp.data_ptr(), self.nt())
+
+
+def _planes(coef, field):
+    """1 when coef holds a plane per face for field's cells, 0 when it holds
+    one value per face (six floats); anything else is a caller's bug that
+    would read out of bounds."""
+    if coef.numel() == 6:
+        return 0
+    if coef.numel() != 6 * field.numel() or not coef.is_contiguous():
+        raise ValueError(f"coupling planes {tuple(coef.shape)} do not fit a field {tuple(field.shape)}")
+    return 1
 
 
 def csr_rows(local, lo, ai, aj, av, threads=None):

@@ -313,6 +313,38 @@ def levels_for(shape, max_levels, coarsest, periodic=None):
     return L
 
 
+def _axis_uniform(sc, fl, halo=None, comm=None):
+    """(1, 6, 1, 1, 1): each face's coupling where a level's couplings are
+    one value per face between active cells and zero elsewhere, else None.
+    Then the kernels read six floats instead of six planes (24 bytes per
+    cell and level) with the same arithmetic, so the same result. `halo`:
+    the level's ghost cells (neighbours' activity); `comm`: the ranks'
+    halo exchange for the decision, which every rank must share."""
+    if sc.shape[0] != 1:
+        return None
+    hi = sc.amax(dim=(2, 3, 4)).reshape(6)
+    ok = True
+    for f in range(6):
+        v = sc[0, f]
+        if not bool(((v == hi[f]) | (v == 0)).all()):
+            ok = False
+            break
+    if comm is not None:
+        hi = comm.allreduce_max(torch.cat([hi, torch.tensor([0.0 if ok else 1.0], dtype=hi.dtype)]))
+        ok, hi = float(hi[6]) == 0.0, hi[:6].to(sc.dtype)
+    if ok:
+        # exactly hi between active cells: no zero coupling where two
+        # active cells meet (a wall the compact form would not see)
+        nb = _padded(fl.to(sc.dtype), halo)
+        for f, (axis, step) in enumerate(_FACES):
+            if not torch.equal(sc[:, f:f + 1], hi[f] * fl * _shifted(nb, axis, step)):
+                ok = False
+                break
+        if comm is not None:
+            ok = float(comm.allreduce_max(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))[0]) == 0.0
+    return hi.reshape(1, 6, 1, 1, 1) if ok else None
+
+
 def _uniform_couplings(sc, halo=None):
     """c when every nonzero coupling of sc (N, 6, ...) equals one value c
     on every rank, else False (also without any coupling)."""
@@ -550,6 +582,7 @@ class MGNet(nn.Module):
             open_ = open_.round().clamp(min=0) * fl
         levels = []
         unit0 = False
+        check_axis = True
         sd = sc = None
         if stencil is not None:
             st = torch.as_tensor(stencil).to(device=device, dtype=torch.float64)
@@ -609,7 +642,13 @@ class MGNet(nn.Module):
                                    torch.ones_like(diag)) * fl
                 compact = l == 0 and unit0     # the unit operator: compact passes, no planes
                 if not compact:
-                    lv["coef"] = sc.to(dtype)
+                    # one value per face direction (anisotropic cells on a
+                    # box, and their Galerkin levels): six floats instead
+                    # of six planes; checked while the levels above were
+                    gathered = mh is not None and g is not None and l >= g
+                    axw = _axis_uniform(sc, fl, lh, None if gathered else mh) if check_axis else None
+                    check_axis = axw is not None
+                    lv["coef"] = (sc if axw is None else axw).to(dtype)
                 # c / √(c_max · c_mean) over the coupled faces, at most 1: 1
                 # wherever the couplings are equal (the unit operator, walls
                 # included), so the learned taps act as trained there; never
@@ -988,9 +1027,9 @@ class MGNet(nn.Module):
         if not full and "coef" not in f:
             kern.restrict_fs(fac, xp, b, f["diag"], f["fluid"], f["cmask"], cb, f["flat"])
         elif not full:
-            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["cmask"], cb, f["flat"])
+            kern.restrict_s(fac, xp, b, f["diag"], f["coef"], f["fluid"], f["cmask"], cb, f["flat"])
         elif "coef" in f:
-            kern.restrict_c(xp, b, f["diag"], f["coef"], f["cmask"], cb)
+            kern.restrict_c(xp, b, f["diag"], f["coef"], f["fluid"], f["cmask"], cb)
         else:
             kern.restrict(xp, b, f["diag"], f["fluid"], f["cmask"], cb)
         e, wgt = self._coarse(geo, l, cb, whole, kern)

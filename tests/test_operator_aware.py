@@ -426,3 +426,49 @@ def test_nonmonotone_residual_keeps_the_network(seed, tmp_path):
     assert ctx.switched_at is None and ctx.checks >= 1, text
     assert its <= 3 * gamg_its, (its, gamg_its)   # 52 vs 21 and 28 vs 23 here
     assert "check(s)" in text and "lowers the error's energy" in text, text
+
+
+def test_axis_uniform_levels_read_six_values_and_equal_the_planes(monkeypatch):
+    """aniso's levels (one coupling per face direction on a box) store six
+    floats instead of six planes, with the planes' result bit for bit; an
+    operator with a zero coupling between two active cells (a thin wall)
+    or with varying couplings keeps its planes."""
+    import numpy as np
+    from deepcd_petsc import mgnet
+    from deepcd_petsc.coefficients import scene_operator
+    net, _ = load_model()
+    flags, _, st = scene_operator("aniso", (16, 20, 24), 5)
+    s7 = torch.as_tensor(np.concatenate([st.diag[None], st.coef]))
+    r = torch.randn(1, 1, 16, 20, 24, generator=torch.Generator().manual_seed(2))
+    out = {}
+    with torch.inference_mode():
+        for mode in ("six", "planes"):
+            if mode == "planes":
+                monkeypatch.setattr(mgnet, "_axis_uniform", lambda *a, **k: None)
+            geo = net.prepare(torch.as_tensor(flags), None, stencil=s7, periodic=st.periodic)
+            shapes = [tuple(lv["coef"].shape) for lv in geo["levels"]]
+            if mode == "six":
+                assert all(s == (1, 6, 1, 1, 1) for s in shapes), shapes
+            else:
+                assert all(s[-3:] == lv["fluid"].shape[-3:] for s, lv in zip(shapes, geo["levels"]))
+            for fused in (True, False):
+                net.fused = fused
+                out[mode, fused] = net(r, geo)
+        net.fused = True
+    assert torch.equal(out["six", True], out["planes", True])
+    assert torch.equal(out["six", False], out["planes", False])
+    # a thin wall: the x couplings across x = 11|12 removed on both sides
+    wall = s7.clone()
+    wall[6, :, :, 11] = 0
+    wall[5, :, :, 12] = 0
+    wall[0, :, :, 11:13] -= float(s7[6, 5, 5, 5])     # (their diagonals lose them too)
+    sc = torch.zeros(1, 6, 16, 20, 24, dtype=torch.float64)
+    with torch.inference_mode():
+        monkeypatch.undo()
+        geo = net.prepare(torch.as_tensor(flags), None, stencil=wall, periodic=st.periodic)
+        assert geo["levels"][0]["coef"].shape[-3:] == (16, 20, 24)
+        flags2, _, st2 = scene_operator("density", (16, 16, 16), 5)
+        geo = net.prepare(torch.as_tensor(flags2), None,
+                          stencil=torch.as_tensor(np.concatenate([st2.diag[None], st2.coef])))
+        assert geo["levels"][0]["coef"].shape[-3:] == (16, 16, 16)
+    del sc
