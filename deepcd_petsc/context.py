@@ -428,6 +428,12 @@ class NetworkContext:
         if plan is not None:
             from .mgnet import describe_plan
             p(f"  network coarsening (axes halved per level): {describe_plan(plan)}\n")
+        geo = getattr(self.evaluator, "geo", None)
+        if geo is not None:
+            six = [str(l) for l, lv in enumerate(geo["levels"])
+                   if "coef" in lv and lv["coef"].shape[-3:] == (1, 1, 1) and lv["fluid"].numel() > 1]
+            if six:
+                p(f"  network levels with one coupling per face direction (no planes): {', '.join(six)}\n")
         if self.setup_s:
             p("  set-up: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.setup_s.items()) + "\n")
         ev = self.evaluator
