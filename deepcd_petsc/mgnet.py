@@ -346,9 +346,13 @@ def _uniform_couplings(sc, halo=None):
     """c when every nonzero coupling of sc (N, 6, ...) equals one value c
     on every rank, else False (also without any coupling)."""
     # the largest over all entries: the largest nonzero one whenever
-    # that is positive (else the answer is False either way)
+    # that is positive (else the answer is False either way); lo only
+    # needs to be below hi when some nonzero coupling differs from it (a
+    # bool pass instead of a masked float64 copy)
     hi = float(sc.amax())
-    lo = float(sc.masked_fill(sc == 0, math.inf).amin())
+    nonzero = sc != 0
+    lo = (math.inf if not bool(nonzero.any())
+          else hi if bool(((sc == hi) | ~nonzero).all()) else -math.inf)
     if halo is not None:
         # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
         lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
@@ -583,21 +587,29 @@ class MGNet(nn.Module):
         sd = sc = None
         if stencil is not None:
             st = torch.as_tensor(stencil).to(device=device, dtype=torch.float64)
-            st = F.pad(st.reshape((1, 7) + st.shape[-3:]), (0, pad[2], 0, pad[1], 0, pad[0]))
-            sd = st[:, :1] * fl.double()
-            # couplings to inactive cells act as Dirichlet: x is 0 there
-            nb = _padded(fl.double(), halo)
-            sc = torch.cat([st[:, 1 + f:2 + f] * _shifted(nb, a, k) for f, (a, k) in enumerate(_FACES)],
-                           1) * fl.double()
+            st = st.reshape((1, 7) + st.shape[-3:])
+            if any(pad):
+                st = F.pad(st, (0, pad[2], 0, pad[1], 0, pad[0]))
+            fl64 = fl.double()
+            sd = st[:, :1] * fl64
+            # couplings to inactive cells act as Dirichlet: x is 0 there;
+            # written into one buffer (no concatenation), a 2D grid's z
+            # faces zero (no neighbour)
+            nb = _padded(fl64, halo)
+            sc = torch.zeros((1, 6) + fl.shape[-3:], dtype=torch.float64, device=fl.device)
+            for f, (a, k) in enumerate(_FACES[6 - nfaces:], start=6 - nfaces):
+                torch.mul(st[:, 1 + f:2 + f], _shifted(nb, a, k), out=sc[:, f:f + 1])
+                sc[:, f:f + 1].mul_(fl64)
+            del st, nb
             unit0 = nfaces == 4 and _uniform_couplings(sc, mh)
-            if unit0:
+            if unit0 and unit0 != 1:
                 # a 2D operator whose couplings are all one value c (the
                 # unit 5-point operator, scaled): divided by c, level 0 runs
                 # the compact passes of the flags path (no coupling planes
                 # to read: the same operator and, with unit couplings, the
                 # same smoothing taps), the coarse levels stay Galerkin
                 c = unit0
-                sd, sc = sd / c, sc / c
+                sd, sc = sd / c, sc.div_(c)
         for l in range(L):
             if l > 0:
                 f = plan[l - 1]
