@@ -581,6 +581,54 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
         }
 }
 
+/* ---- set-up: Galerkin coarsening of a coefficient level (float64) ----
+ * mgnet.galerkin_coarsen in one pass (torch made ~30 strided passes): for
+ * aggregates of fz × fy × fx cells (each 1 or 2) the coarse diagonal sums
+ * the children's diag·active minus the couplings between children, a
+ * coarse face coupling sums the children's couplings across that face,
+ * both divided by g (a power of 2: exact); `scale` gets the children's
+ * Σ|diag·active| (prepare's test for dead coarse rows). coef and ccoef:
+ * six planes in mgnet._FACES order (z−, z+, y−, y+, x−, x+). */
+void deepcd_galerkin(int D, int H, int W, int fz, int fy, int fx, const double *diag,
+                     const double *coef, const float *active, double g, double *cdiag,
+                     double *ccoef, double *scale, int nt)
+{
+    int Dc = D / fz, Hc = H / fy, Wc = W / fx, f[3] = {fz, fy, fx};
+    long N = (long)D * H * W, Nc = (long)Dc * Hc * Wc;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int Z = 0; Z < Dc; Z++)
+        for (int Y = 0; Y < Hc; Y++) {
+            long v = ((long)Z * Hc + Y) * Wc;
+            double *d = cdiag + v, *s = scale + v;
+            for (int X = 0; X < Wc; X++) d[X] = s[X] = 0.0;
+            for (int q = 0; q < 6; q++)
+                for (int X = 0; X < Wc; X++) ccoef[q * Nc + v + X] = 0.0;
+            for (int dz = 0; dz < fz; dz++)
+                for (int dy = 0; dy < fy; dy++)
+                    for (int dx = 0; dx < fx; dx++) {
+                        long u = ((long)(fz * Z + dz) * H + fy * Y + dy) * W + dx;
+                        int pos[3] = {dz, dy, dx};
+#pragma omp simd
+                        for (int X = 0; X < Wc; X++) {
+                            double a = diag[u + (long)fx * X] * (double)active[u + (long)fx * X];
+                            d[X] += a;
+                            s[X] += fabs(a);
+                        }
+                        for (int q = 0; q < 6; q++) {
+                            /* a child on the face's side of its aggregate couples out of it */
+                            int axis = q / 2, outer = pos[axis] == ((q & 1) ? f[axis] - 1 : 0);
+                            const double *c = coef + q * N + u;
+                            double *o = outer ? ccoef + q * Nc + v : d, sign = outer ? 1.0 : -1.0;
+#pragma omp simd
+                            for (int X = 0; X < Wc; X++) o[X] += sign * c[(long)fx * X];
+                        }
+                    }
+            for (int X = 0; X < Wc; X++) d[X] /= g;
+            for (int q = 0; q < 6; q++)
+                for (int X = 0; X < Wc; X++) ccoef[q * Nc + v + X] /= g;
+        }
+}
+
 /* ---- reading an assembled operator's rows (stencil.py, context.py) ----
  *
  * One pass over this rank's AIJ rows in CSR form: ai (n + 1 row starts), aj

@@ -89,6 +89,8 @@ MG_SIGNATURES = {
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 7 + [_int, _int, _int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
     "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int, _int],
+    # set-up: Galerkin coarsening (float64)
+    "deepcd_galerkin": [_int] * 6 + [_v, _v, _v, _d, _v, _v, _v, _int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -588,6 +590,24 @@ def _planes(coef, field):
     if coef.numel() != 6 * field.numel() or not coef.is_contiguous():
         raise ValueError(f"coupling planes {tuple(coef.shape)} do not fit a field {tuple(field.shape)}")
     return 1
+
+
+def galerkin(diag, coef, active, factors, g):
+    """(diag, coef, scale) of mgnet.galerkin_coarsen's coarse level and the
+    children's Σ|diag·active|, in one C pass: diag (1, 1, D, H, W) and coef
+    (1, 6, D, H, W) float64, active float32, on the CPU; None where the
+    library is unavailable (the caller coarsens in torch)."""
+    import torch
+    lib = load()
+    if lib is None:
+        return None
+    D, H, W = diag.shape[-3:]
+    shape = tuple(n // k for n, k in zip((D, H, W), factors))
+    out = [torch.empty((1, c) + shape, dtype=torch.float64) for c in (1, 6, 1)]
+    diag, coef, active = (t.contiguous() for t in (diag, coef, active))
+    lib.deepcd_galerkin(D, H, W, *factors, diag.data_ptr(), coef.data_ptr(), active.data_ptr(),
+                        float(g), *(t.data_ptr() for t in out), torch.get_num_threads())
+    return tuple(out)
 
 
 def csr_rows(local, lo, ai, aj, av, threads=None):

@@ -237,6 +237,23 @@ def _merge_odd(diag, coef, f):
     return diag, coef
 
 
+def _galerkin_level(sd, sc, fl, f):
+    """(diag, coef) of the next coefficient level and the children's
+    Σ|diag·fl| (dead rows are zero next to it): one C pass on the CPU
+    (kernels.galerkin), else galerkin_coarsen; the same values up to the
+    order of the sums. (Odd lengths, whose last aggregate is three cells
+    (fold_odd), coarsen in torch.)"""
+    odd = any(k == 2 and n % 2 and n > 1 for k, n in zip(f, sd.shape[-3:]))
+    if not odd and sd.device.type == "cpu" and sd.shape[0] == 1 and fl.dtype == torch.float32 \
+            and not torch.is_grad_enabled():
+        from . import kernels
+        out = kernels.galerkin(sd, sc, fl, f, galerkin_factor(f))
+        if out is not None:
+            return out
+    scale = F.avg_pool3d(fold_odd((sd * fl.double()).abs(), f), f) * math.prod(f)
+    return galerkin_coarsen(sd, sc, fl.double(), f) + (scale,)
+
+
 def axis_strengths(stencil):
     """[Σz, Σy, Σx, n]: per-cell coupling fractions per axis, (c₋ + c₊)/Σc,
     summed over the n rows with couplings. Scale-free; summable across
@@ -643,8 +660,7 @@ class MGNet(nn.Module):
             if l > 0:
                 f = plan[l - 1]
                 if sd is not None:
-                    scale = F.avg_pool3d(fold_odd((sd * fl.double()).abs(), f), f) * math.prod(f)
-                    sd, sc = galerkin_coarsen(sd, sc, fl.double(), f)
+                    sd, sc, scale = _galerkin_level(sd, sc, fl, f)
                     # a closed pocket inside one aggregate coarsens to a zero
                     # row (its constant is in A's null space): inactive
                     dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
