@@ -11,6 +11,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAXT 512   /* threads */
 #define MAXK 16    /* vectors per fused reduction */
@@ -577,6 +578,86 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
 #pragma omp simd
                 for (int x = 0; x < W; x++)
                     xo[x] += scale * ec[x] * fu[x];
+            }
+        }
+}
+
+/* ---- set-up: the gates of a 2D level (mgnet.level_gates) ----
+ * Per cell, for the O hidden channels of all of a level's smoothers at once:
+ *   h_o = gelu(b1_o + Σ_c Σ_(3×3) w1 · geometry_c),  gate_j = 2σ(b2_j + Σ_o w2_jo h_o) · fluid
+ * in one pass over the cells (torch wrote and re-read the O hidden planes:
+ * gelu alone took ~40 ms at 1024²). gelu's erf is torch's own CPU formula
+ * (Abramowitz–Stegun 7.1.26) and exp Cephes' expf, written so that the loops
+ * vectorise (libm's expf does not without -ffast-math): the gates equal
+ * torch's to float32 rounding. gp: C planes (H+2, W+2) with one ghost layer;
+ * w2 (S, O) (block-diagonal over the smoothers); out (S, H, W). */
+static inline float exp_v(float x)
+{
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* n = rint(x·log2 e) by adding and removing 1.5·2²³ (floorf does not vectorise) */
+    float n = (1.44269504088896341f * x + 12582912.0f) - 12582912.0f;
+    float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int e = ((int)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &e, sizeof two_n);
+    return p * two_n;
+}
+
+static inline float gelu_v(float x)
+{
+    float a = fabsf(x) * 0.70710678118654752f;     /* erf's argument x/√2, unsigned */
+    float t = 1.0f / (0.3275911f * a + 1.0f);
+    float r = (((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t
+              + 0.254829592f;
+    float erf_a = 1.0f - r * t * exp_v(-a * a);
+    return 0.5f * x * (1.0f + (x < 0.0f ? -erf_a : erf_a));
+}
+
+#define GATE_TILE 64
+void deepcd_gates2d(int H, int W, int C, int O, int S, const float *gp, const float *w1,
+                    const float *b1, const float *w2, const float *b2, const float *fluid,
+                    float *out, int nt)
+{
+    long W2 = W + 2, P = (long)(H + 2) * W2, N = (long)H * W;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int y = 0; y < H; y++)
+        for (int x0 = 0; x0 < W; x0 += GATE_TILE) {
+            int n = W - x0 < GATE_TILE ? W - x0 : GATE_TILE;
+            float h[O][GATE_TILE];
+            for (int o = 0; o < O; o++) {
+                float *ho = h[o];
+                for (int x = 0; x < n; x++) ho[x] = b1[o];
+                for (int c = 0; c < C; c++)
+                    for (int dy = 0; dy < 3; dy++) {
+                        const float *row = gp + c * P + (y + dy) * W2 + x0;
+                        const float *w = w1 + ((o * C + c) * 3 + dy) * 3;
+#pragma omp simd
+                        for (int x = 0; x < n; x++)
+                            ho[x] += w[0] * row[x] + w[1] * row[x + 1] + w[2] * row[x + 2];
+                    }
+#pragma omp simd
+                for (int x = 0; x < n; x++) ho[x] = gelu_v(ho[x]);
+            }
+            long u = (long)y * W + x0;
+            for (int j = 0; j < S; j++) {
+                float z[GATE_TILE];
+                for (int x = 0; x < n; x++) z[x] = b2[j];
+                for (int o = 0; o < O; o++) {
+                    float w = w2[j * O + o];
+                    if (w == 0.0f) continue;      /* another smoother's channel */
+#pragma omp simd
+                    for (int x = 0; x < n; x++) z[x] += w * h[o][x];
+                }
+#pragma omp simd
+                for (int x = 0; x < n; x++)
+                    out[j * N + u + x] = 2.0f / (1.0f + exp_v(-z[x])) * fluid[u + x];
             }
         }
 }

@@ -89,8 +89,9 @@ MG_SIGNATURES = {
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 7 + [_int, _int, _int],
     "deepcd_mg_prolong_s": [_int] * 6 + [_v, _f, _v, _v, _int],
     "deepcd_mgc_energy": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int, _int],
-    # set-up: Galerkin coarsening (float64)
+    # set-up: Galerkin coarsening (float64), a 2D level's gates
     "deepcd_galerkin": [_int] * 6 + [_v, _v, _v, _d, _v, _v, _v, _int],
+    "deepcd_gates2d": [_int] * 5 + [_v] * 7 + [_int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -608,6 +609,24 @@ def galerkin(diag, coef, active, factors, g):
     lib.deepcd_galerkin(D, H, W, *factors, diag.data_ptr(), coef.data_ptr(), active.data_ptr(),
                         float(g), *(t.data_ptr() for t in out), torch.get_num_threads())
     return tuple(out)
+
+
+def gates2d(gp, w1, b1, w2, b2, fluid):
+    """A 2D level's gates 2σ(w2·gelu(w1 ∗ geometry + b1) + b2)·fluid in one
+    C pass (mgnet.level_gates): gp (C, H+2, W+2) the geometry with one
+    ghost layer, w1 (O, C, 3, 3), w2 (S, O), fluid (H, W), float32 on the
+    CPU. Returns (S, H, W), or None where the library is unavailable."""
+    import torch
+    lib = load()
+    if lib is None:
+        return None
+    C, H, W = gp.shape[0], gp.shape[1] - 2, gp.shape[2] - 2
+    O, S = w1.shape[0], w2.shape[0]
+    out = torch.empty((S, H, W), dtype=torch.float32)
+    args = [t.contiguous() for t in (gp, w1, b1, w2, b2, fluid)]
+    lib.deepcd_gates2d(H, W, C, O, S, *(t.data_ptr() for t in args), out.data_ptr(),
+                       torch.get_num_threads())
+    return out
 
 
 def csr_rows(local, lo, ai, aj, av, threads=None):

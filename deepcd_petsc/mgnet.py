@@ -460,32 +460,39 @@ class Smoother(nn.Module):
         return out.mul_(gf[:, i:i + 1])
 
 
-def level_gates(smoothers, geom, halo=None, flat=False):
-    """The gates of a level's smoothers, which all read its geometry. On a
-    2D grid on the CPU in float32 (set-up time): one convolution for all
-    of them, on a channels-last copy of the geometry's one plane (oneDNN
-    took ~3x as long per gate on the (N, C, D, H, W) layout), and each 1×1
-    convolution as one matrix product writing its gates' planes; the same
-    values up to float32 rounding. Elsewhere each smoother's own gates()."""
+def level_gates(smoothers, geom, fl, halo=None, flat=False):
+    """The gates of a level's smoothers (which all read its geometry),
+    times the fluid mask fl. On a 2D grid on the CPU in float32 (set-up
+    time): one C pass for all of them (kernels.gates2d, the same values up
+    to float32 rounding); else, or without the kernels, one oneDNN
+    convolution for all of them on a channels-last copy of the geometry's
+    plane (~3x faster than on the (N, C, D, H, W) layout). Elsewhere each
+    smoother's own gates()."""
     w1 = [s.gate1.weight for s in smoothers]
     if not (flat and geom.device.type == "cpu" and w1[0].dtype == torch.float32
             and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()):
-        return [s.gates(geom, halo, flat) for s in smoothers]
+        return [s.gates(geom, halo, flat) * fl.to(geom.dtype) for s in smoothers]
     # z ghosts are zero: only the kernel's middle plane meets data
-    x, pad = (halo(geom, 1)[:, :, 1], (0, 0)) if halo is not None else (geom[:, :, 0], (1, 1))
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = halo(geom, 1)[:, :, 1] if halo is not None else F.pad(geom[:, :, 0], (1, 1, 1, 1))
     w = torch.cat([v[:, :, 1] for v in w1])
     b = torch.cat([s.gate1.bias for s in smoothers])
-    h = torch.mkldnn_convolution(x, w, b, pad, (1, 1), (1, 1), 1)
-    n, _, H, W = h.shape
-    # (N·H·W, channels): the same memory, in the layout torch's gelu is fast on
-    h = F.gelu(h.permute(0, 2, 3, 1)).reshape(n * H * W, -1)
     # every smoother's 1×1 convolution in one product: block-diagonal weights
     w2 = torch.block_diag(*[s.gate2.weight.reshape(s.gate2.out_channels, -1) for s in smoothers])
     b2 = torch.cat([s.gate2.bias for s in smoothers])
-    z = torch.addmm(b2[:, None], w2, h.t())        # (steps of all, N·H·W)
-    g = torch.sigmoid_(z).mul_(2).reshape(-1, n, 1, H, W).transpose(0, 1)
     steps = [s.gate2.out_channels for s in smoothers]
+    n, _, H, W = x.shape
+    if n == 1:
+        from . import kernels
+        g = kernels.gates2d(x[0], w, b, w2, b2, fl[0, 0, 0])
+        if g is not None:
+            return [part[None, :, None] for part in g.split(steps)]
+    h = torch.mkldnn_convolution(x.contiguous(memory_format=torch.channels_last), w, b,
+                                 (0, 0), (1, 1), (1, 1), 1)
+    n, _, H, W = h.shape
+    # (N·H·W, channels): the same memory, in the layout torch's gelu is fast on
+    h = F.gelu(h.permute(0, 2, 3, 1)).reshape(n * H * W, -1)
+    z = torch.addmm(b2[:, None], w2, h.t())        # (steps of all, N·H·W)
+    g = torch.sigmoid_(z).mul_(2).reshape(-1, n, 1, H, W).transpose(0, 1) * fl
     return [part.contiguous() for part in g.split(steps, 1)]
 
 
@@ -730,7 +737,7 @@ class MGNet(nn.Module):
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
-                "gates": [(g * fl.to(geom.dtype)).to(dtype) for g in level_gates(sm, geom, lh, nfaces == 4)]})
+                "gates": [g.to(dtype) for g in level_gates(sm, geom, fl, lh, nfaces == 4)]})
             levels.append(lv)
         geo = {"shape": shape, "pad": pad, "levels": levels, "L": L, "wrap": wrap,
                "halo": mh, "plan": plan}

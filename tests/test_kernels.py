@@ -174,3 +174,30 @@ def test_dcdm_same_result_with_and_without_kernels():
         x.destroy()
     finally:
         p.destroy()
+
+
+@pytest.mark.parametrize("halo", [False, True])
+@pytest.mark.parametrize("impl", ["C", "torch"])
+def test_2d_gates_kernel_equals_torch(lib, halo, impl, monkeypatch):
+    """A 2D level's gates in one C pass (set-up), or without the kernels in
+    one channels-last convolution for all smoothers, equal each smoother's
+    own gates() to float32 rounding, with zero ghosts or a periodic halo, on
+    the pre/post pair and the 16-step bottom."""
+    from deepcd_petsc import mgnet
+    if impl == "torch":
+        monkeypatch.setattr(kernels, "gates2d", lambda *a: None)
+    from deepcd_petsc.model import load_model
+    net, _ = load_model()
+    g = torch.Generator().manual_seed(3)
+    H, W = 37, 70          # not a multiple of the kernel's 64-cell tiles
+    fl = (torch.rand(1, 1, 1, H, W, generator=g) > 0.3).float()
+    air = (1 - fl) * (torch.rand(1, 1, 1, H, W, generator=g) > 0.5).float()
+    geom = torch.cat([fl, air, 1 - fl - air, 4 * torch.rand(1, 1, 1, H, W, generator=g) * fl], 1)
+    wrap = mgnet.wrap_pad((False, True, True)) if halo else None
+    with torch.inference_mode():
+        for sm in [(net.pre[0], net.post[0]), (net.bottom,)]:
+            got = mgnet.level_gates(sm, geom, fl, wrap, flat=True)
+            for s, gs in zip(sm, got):
+                ref = s.gates(geom, wrap, flat=True) * fl
+                assert gs.shape == ref.shape and gs.is_contiguous()
+                assert (gs - ref).abs().max() <= 1e-6 * ref.abs().max()
