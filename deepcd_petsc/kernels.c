@@ -582,6 +582,85 @@ void deepcd_mg_prolong_s(int D, int H, int W, int fz, int fy, int fx, const floa
         }
 }
 
+/* ---- set-up: a coefficient level's operator from the stencil (mgnet.prepare) ----
+ * sd = diag·fluid and sc_f = coef_f·fluid·fluid(nb_f) (a coupling to an
+ * inactive cell is Dirichlet: x is 0 there), a 2D grid's z faces (zt = 0)
+ * zero; st (7, D, H, W), fp the fluid mask with one ghost layer. out: the
+ * largest coupling, the smallest nonzero one (+inf: none) and whether one
+ * is NaN, for mgnet._uniform_couplings. One pass where torch made ~20. */
+void deepcd_couplings(int D, int H, int W, const double *st, const float *fp, double *sd,
+                      double *sc, double *out, int zt, int nt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+    long off[6] = {-P, P, -W2, W2, -1, 1};
+    double hi = zt ? -INFINITY : 0.0, lo = INFINITY;    /* (2D: the zero z faces count) */
+    int nan = 0;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt)) \
+    reduction(max:hi) reduction(min:lo) reduction(|:nan)
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *f = ROW(fp, z, y, H2, W2);
+            for (int x = 0; x < W; x++) sd[u + x] = st[u + x] * f[x];
+            for (int q = 0; q < 6; q++) {
+                double *o = sc + q * N + u;
+                if (!zt && q < 2) {
+                    for (int x = 0; x < W; x++) o[x] = 0.0;
+                    continue;
+                }
+                const double *c = st + (q + 1) * N + u;
+                const float *g = f + off[q];
+#pragma omp simd reduction(max:hi) reduction(min:lo) reduction(|:nan)
+                for (int x = 0; x < W; x++) {
+                    double v = c[x] * g[x] * f[x];
+                    o[x] = v;
+                    hi = v > hi ? v : hi;
+                    lo = v != 0.0 && v < lo ? v : lo;
+                    nan |= v != v;
+                }
+            }
+        }
+    out[0] = hi;
+    out[1] = lo;
+    out[2] = nan;
+}
+
+/* [Σz, Σy, Σx, n] of mgnet.axis_strengths: each row's per-axis coupling
+ * max(c₋ + c₊, 0) over their sum, summed over the n rows with couplings;
+ * st (7, n). (Rows without couplings add 0/1, as there.) */
+struct strengths { const double *c; long n; };
+
+static void strengths_block(long i0, long i1, const void *ctx, double *acc)
+{
+    const struct strengths *s = ctx;
+    const double *c = s->c;
+    long n = s->n;
+    double fz = 0.0, fy = 0.0, fx = 0.0, cnt = 0.0;
+#pragma omp simd reduction(+:fz, fy, fx, cnt)
+    for (long i = i0; i < i1; i++) {
+        double az = c[i] + c[n + i], ay = c[2 * n + i] + c[3 * n + i],
+               ax = c[4 * n + i] + c[5 * n + i];
+        az = az < 0.0 ? 0.0 : az;
+        ay = ay < 0.0 ? 0.0 : ay;
+        ax = ax < 0.0 ? 0.0 : ax;
+        double tot = az + ay + ax, d = tot > 0.0 ? tot : 1.0;
+        fz += az / d;
+        fy += ay / d;
+        fx += ax / d;
+        cnt += tot > 0.0 ? 1.0 : 0.0;
+    }
+    acc[0] += fz;
+    acc[1] += fy;
+    acc[2] += fx;
+    acc[3] += cnt;
+}
+
+void deepcd_axis_strengths(long n, const double *st, double *out, int nt)
+{
+    struct strengths s = {st + n, n};
+    reduce_blocks(n, nt, 4, strengths_block, &s, out);
+}
+
 /* ---- set-up: the gates of a 2D level (mgnet.level_gates) ----
  * Per cell, for the O hidden channels of all of a level's smoothers at once:
  *   h_o = gelu(b1_o + Σ_c Σ_(3×3) w1 · geometry_c),  gate_j = 2σ(b2_j + Σ_o w2_jo h_o) · fluid

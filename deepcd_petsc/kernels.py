@@ -45,6 +45,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -92,6 +93,8 @@ MG_SIGNATURES = {
     # set-up: Galerkin coarsening (float64), a 2D level's gates
     "deepcd_galerkin": [_int] * 6 + [_v, _v, _v, _d, _v, _v, _v, _int],
     "deepcd_gates2d": [_int] * 5 + [_v] * 7 + [_int],
+    "deepcd_couplings": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int],
+    "deepcd_axis_strengths": [_long, _v, _pd, _int],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count
 CSR_SIGNATURES = {
@@ -609,6 +612,39 @@ def galerkin(diag, coef, active, factors, g):
     lib.deepcd_galerkin(D, H, W, *factors, diag.data_ptr(), coef.data_ptr(), active.data_ptr(),
                         float(g), *(t.data_ptr() for t in out), torch.get_num_threads())
     return tuple(out)
+
+
+def couplings(st, fp, flat):
+    """(sd, sc, (lo, hi)) of a stencil (1, 7, D, H, W) float64 and the fluid
+    mask with one ghost layer fp (1, 1, D+2, H+2, W+2) float32 in one C
+    pass (mgnet._level0_operator); hi NaN when a coupling is. None where
+    the library is unavailable."""
+    import torch
+    lib = load()
+    if lib is None:
+        return None
+    D, H, W = st.shape[-3:]
+    st, fp = st.contiguous(), fp.contiguous()
+    sd = torch.empty((1, 1, D, H, W), dtype=torch.float64)
+    sc = torch.empty((1, 6, D, H, W), dtype=torch.float64)
+    out = (ctypes.c_double * 3)()
+    lib.deepcd_couplings(D, H, W, st.data_ptr(), fp.data_ptr(), sd.data_ptr(), sc.data_ptr(),
+                         out, int(not flat), torch.get_num_threads())
+    return sd, sc, (out[1], math.nan if out[2] else out[0])
+
+
+def axis_strengths(st):
+    """mgnet.axis_strengths of a contiguous float64 stencil (7, ...) in one
+    C pass, or None where the library is unavailable."""
+    import numpy as np
+    import torch
+    lib = load()
+    if lib is None:
+        return None
+    out = np.zeros(4)
+    lib.deepcd_axis_strengths(st[0].numel(), st.data_ptr(), out.ctypes.data_as(_pd),
+                              torch.get_num_threads())
+    return out
 
 
 def gates2d(gp, w1, b1, w2, b2, fluid):

@@ -237,6 +237,26 @@ def _merge_odd(diag, coef, f):
     return diag, coef
 
 
+def _level0_operator(st, fl, halo, flat):
+    """(sd, sc, lohi) of the finest coefficient level: the diagonal of
+    active rows and their couplings (to active cells only: x is 0 at the
+    others, they act as Dirichlet) from the stencil st (1, 7, D, H, W); a
+    2D grid's z faces zero. lohi: _uniform_couplings' (lo, hi), or None.
+    One C pass on the CPU (kernels.couplings), else torch: the same values."""
+    if st.device.type == "cpu" and st.shape[0] == 1 and not torch.is_grad_enabled():
+        from . import kernels
+        out = kernels.couplings(st, _padded(fl, halo), flat)
+        if out is not None:
+            return out
+    fl64 = fl.double()
+    nb = _padded(fl64, halo)
+    sc = torch.zeros((st.shape[0], 6) + fl.shape[-3:], dtype=torch.float64, device=fl.device)
+    for f, (a, k) in enumerate(_FACES[2 if flat else 0:], start=2 if flat else 0):
+        torch.mul(st[:, 1 + f:2 + f], _shifted(nb, a, k), out=sc[:, f:f + 1])
+        sc[:, f:f + 1].mul_(fl64)
+    return st[:, :1] * fl64, sc, None
+
+
 def _galerkin_level(sd, sc, fl, f):
     """(diag, coef) of the next coefficient level and the children's
     Σ|diag·fl| (dead rows are zero next to it): one C pass on the CPU
@@ -259,6 +279,11 @@ def axis_strengths(stencil):
     summed over the n rows with couplings. Scale-free; summable across
     ranks (the plan must be the same on every rank). stencil (7, D, H, W)."""
     st = torch.as_tensor(stencil, dtype=torch.float64)
+    if st.device.type == "cpu" and st.is_contiguous():
+        from . import kernels
+        out = kernels.axis_strengths(st)      # one C pass
+        if out is not None:
+            return out
     c = st[1:7].reshape(3, 2, -1).sum(1).clamp(min=0)
     tot = c.sum(0)
     keep = tot > 0
@@ -359,17 +384,21 @@ def _axis_uniform(sc, fl, halo=None, comm=None):
     return hi.reshape(1, 6, 1, 1, 1) if ok else None
 
 
-def _uniform_couplings(sc, halo=None):
+def _uniform_couplings(sc, halo=None, lohi=None):
     """c when every nonzero coupling of sc (N, 6, ...) equals one value c
-    on every rank, else False (also without any coupling)."""
-    # the largest over all entries: the largest nonzero one whenever
-    # that is positive (else the answer is False either way); lo only
-    # needs to be below hi when some nonzero coupling differs from it (a
-    # bool pass instead of a masked float64 copy)
-    hi = float(sc.amax())
-    nonzero = sc != 0
-    lo = (math.inf if not bool(nonzero.any())
-          else hi if bool(((sc == hi) | ~nonzero).all()) else -math.inf)
+    on every rank, else False (also without any coupling). `lohi`: this
+    rank's smallest nonzero and largest coupling, if known."""
+    if lohi is not None:
+        lo, hi = lohi
+    else:
+        # the largest over all entries: the largest nonzero one whenever
+        # that is positive (else the answer is False either way); lo only
+        # needs to be below hi when some nonzero coupling differs from it
+        # (a bool pass instead of a masked float64 copy)
+        hi = float(sc.amax())
+        nonzero = sc != 0
+        lo = (math.inf if not bool(nonzero.any())
+              else hi if bool(((sc == hi) | ~nonzero).all()) else -math.inf)
     if halo is not None:
         # the minimum and maximum over the ranks: (−lo, hi) reduced with MAX
         lo, hi = halo.allreduce_max(torch.tensor([-lo, hi], dtype=torch.float64)).tolist()
@@ -643,18 +672,9 @@ class MGNet(nn.Module):
             st = st.reshape((1, 7) + st.shape[-3:])
             if any(pad):
                 st = F.pad(st, (0, pad[2], 0, pad[1], 0, pad[0]))
-            fl64 = fl.double()
-            sd = st[:, :1] * fl64
-            # couplings to inactive cells act as Dirichlet: x is 0 there;
-            # written into one buffer (no concatenation), a 2D grid's z
-            # faces zero (no neighbour)
-            nb = _padded(fl64, halo)
-            sc = torch.zeros((1, 6) + fl.shape[-3:], dtype=torch.float64, device=fl.device)
-            for f, (a, k) in enumerate(_FACES[6 - nfaces:], start=6 - nfaces):
-                torch.mul(st[:, 1 + f:2 + f], _shifted(nb, a, k), out=sc[:, f:f + 1])
-                sc[:, f:f + 1].mul_(fl64)
-            del st, nb
-            unit0 = nfaces == 4 and _uniform_couplings(sc, mh)
+            sd, sc, lohi = _level0_operator(st, fl, halo, nfaces == 4)
+            del st
+            unit0 = nfaces == 4 and _uniform_couplings(sc, mh, lohi)
             if unit0 and unit0 != 1:
                 # a 2D operator whose couplings are all one value c (the
                 # unit 5-point operator, scaled): divided by c, level 0 runs

@@ -201,3 +201,31 @@ def test_2d_gates_kernel_equals_torch(lib, halo, impl, monkeypatch):
                 ref = s.gates(geom, wrap, flat=True) * fl
                 assert gs.shape == ref.shape and gs.is_contiguous()
                 assert (gs - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 37), (6, 9, 11)])
+def test_setup_kernels_equal_torch(lib, shape, monkeypatch):
+    """The set-up's one-pass kernels: the finest coefficient level's operator
+    (with _uniform_couplings' range) bit for bit, the axis strengths to
+    rounding, both against their torch fallbacks; unit couplings found."""
+    from deepcd_petsc import mgnet
+    g = torch.Generator().manual_seed(2)
+    st = torch.rand((7,) + shape, dtype=torch.float64, generator=g)
+    st[1:] *= torch.rand((6,) + shape, generator=g) > 0.2
+    flat = shape[0] == 1
+    if flat:
+        st[1:3] = 0
+    fl = (torch.rand((1, 1) + shape, generator=g) > 0.3).float()
+    unit = st.clone()
+    unit[1:] = (unit[1:] > 0).double()
+    got = [(mgnet._level0_operator(s[None], fl, None, flat), mgnet.axis_strengths(s))
+           for s in (st, unit)]
+    monkeypatch.setattr(kernels, "couplings", lambda *a: None)
+    monkeypatch.setattr(kernels, "axis_strengths", lambda *a: None)
+    for s, ((sd, sc, lohi), strengths) in zip((st, unit), got):
+        rsd, rsc, none = mgnet._level0_operator(s[None], fl, None, flat)
+        assert none is None and torch.equal(sd, rsd) and torch.equal(sc, rsc)
+        assert mgnet._uniform_couplings(sc, None, lohi) == mgnet._uniform_couplings(rsc)
+        np.testing.assert_allclose(strengths, mgnet.axis_strengths(s), rtol=1e-13)
+    assert mgnet._uniform_couplings(got[1][0][1], None, got[1][0][2]) == 1.0
+    assert mgnet._uniform_couplings(got[0][0][1], None, got[0][0][2]) is False
