@@ -10,7 +10,7 @@ import numpy as np
 from petsc4py import PETSc
 
 from .errors import SetupError, raise_on_all
-from .layout import flat_dmda  # noqa: F401 (re-exported)
+from .layout import FlatView, flat_dmda  # noqa: F401 (flat_dmda re-exported)
 from .scenes import AIR, FLUID, SOLID
 
 DEVICES = ("cpu", "cuda")
@@ -242,7 +242,7 @@ class NetworkContext:
                 raise SetupError(f"DCDM needs a 2D or 3D DMDA with dof 1; the attached DMDA is "
                                  f"{dim}D with dof {dm.getDof()}")
             own = dim == 2
-            da = flat_dmda(dm) if own else dm
+            da = FlatView(dm) if own else dm
             try:
                 self._check_rows(da, A, "the attached DMDA")
             except SetupError:
@@ -474,7 +474,16 @@ def _scaled_digest(st, chunk=1 << 18):
 
 def _ghosted(da, flags, open_faces=()):
     """This rank's flags with one ghost layer from the neighbours (SOLID
-    beyond the grid, AIR beyond `open_faces`)."""
+    beyond the grid, AIR beyond `open_faces`); on one process padded in
+    NumPy (wrapped on periodic axes) instead of a DMDA ghost exchange."""
+    if da.getComm().getSize() == 1:
+        from .stencil import periodic_axes
+        per = periodic_axes(da)
+        p = np.asarray(flags, dtype=np.int8)
+        if any(per):
+            p = np.pad(p, [(1, 1) if q else (0, 0) for q in per], mode="wrap")
+        p = np.pad(p, [(0, 0) if q else (1, 1) for q in per], constant_values=SOLID)
+        return _open(da, p, open_faces)
     g = da.createGlobalVec()
     with g as arr:
         arr[...] = np.asarray(flags, dtype=float).ravel()
@@ -487,6 +496,12 @@ def _ghosted(da, flags, open_faces=()):
     loc.destroy()
     oz, oy, ox = zs - gzs, ys - gys, xs - gxs
     p = np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
+    return _open(da, p, open_faces)
+
+
+def _open(da, p, open_faces):
+    """AIR in the ghost layer of p beyond the open faces this block touches."""
+    (xs, ys, zs), (xm, ym, zm) = da.getCorners()
     nx, ny, nz = da.getSizes()
     for face in open_faces:
         axis = {"x": 2, "y": 1, "z": 0}[face[0]]

@@ -84,3 +84,55 @@ def flat_dmda(dm):
                                boundary_type=(bx, by, BT.NONE),
                                stencil_width=1, stencil_type=PETSc.DMDA.StencilType.BOX,
                                ownership_ranges=(tuple(lx), tuple(ly), (1,)), comm=dm.getComm())
+
+
+class FlatView:
+    """flat_dmda(dm) for the network's set-up, created only when something
+    needs its vectors or ghost exchange: sizes, ranges, splits and boundary
+    types come from the 2D DMDA as the flat one would give them. Creating
+    a DMDA took ~30 ms at 1024² (0.4 s at 4096²), and a serial set-up from
+    set_flags geometry needs none of it. destroy() frees the flat DMDA if
+    one was made."""
+
+    def __init__(self, dm):
+        self.dm = dm
+        self._da = None
+
+    def __getattr__(self, name):          # anything else: the flat DMDA itself
+        if self._da is None:
+            self._da = flat_dmda(self.dm)
+        return getattr(self._da, name)
+
+    def getComm(self):
+        return self.dm.getComm()
+
+    def getDimension(self):
+        return 3
+
+    def getSizes(self):
+        return tuple(self.dm.getSizes()) + (1,)
+
+    def getProcSizes(self):
+        return tuple(self.dm.getProcSizes()) + (1,)
+
+    def getRanges(self):
+        return tuple(self.dm.getRanges()) + ((0, 1),)
+
+    def getCorners(self):
+        (xs, ys), (xm, ym) = self.dm.getCorners()
+        return (xs, ys, 0), (xm, ym, 1)
+
+    def getOwnershipRanges(self):
+        lx, ly = self.dm.getOwnershipRanges()
+        return lx, ly, np.ones(1, dtype=lx.dtype)
+
+    def getBoundaryType(self):
+        from petsc4py import PETSc
+        BT = PETSc.DM.BoundaryType
+        return tuple(b if b == BT.PERIODIC else BT.NONE for b in self.dm.getBoundaryType()) \
+            + (BT.NONE,)
+
+    def destroy(self):
+        if self._da is not None:
+            self._da.destroy()
+            self._da = None

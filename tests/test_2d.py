@@ -44,6 +44,35 @@ def _run(p, nx, ny, out, *opts):
     return dict(np.load(out))
 
 
+def test_flat_view_answers_as_the_flat_dmda():
+    """The set-up's FlatView gives the flat DMDA's sizes, ranges, splits and
+    boundary types without creating it, and creates it for anything else;
+    _ghosted pads one process's flags as scenes.padded does (periodic
+    axes wrapped, open faces AIR) without a ghost exchange."""
+    from deepcd_petsc.context import _ghosted
+    from deepcd_petsc.layout import FlatView
+    from deepcd_petsc.scenes import padded
+    da = PETSc.DMDA().create(dim=2, sizes=(13, 7), dof=1, stencil_width=1,
+                             boundary_type=(BT.PERIODIC, BT.MIRROR),
+                             stencil_type=PETSc.DMDA.StencilType.STAR, comm=PETSc.COMM_SELF)
+    flat, view = flat_dmda(da), FlatView(da)
+    try:
+        for m in ("getSizes", "getProcSizes", "getRanges", "getCorners", "getBoundaryType",
+                  "getDimension"):
+            assert getattr(view, m)() == getattr(flat, m)(), m
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in
+                   zip(view.getOwnershipRanges(), flat.getOwnershipRanges()))
+        assert view._da is None and view.getGhostCorners() == flat.getGhostCorners()
+        flags = np.random.default_rng(0).integers(0, 3, (1, 7, 13)).astype(np.int8)
+        for faces in ((), ("y+", "x-")):
+            assert np.array_equal(_ghosted(view, flags, faces),
+                                  padded(flags, faces, (False, False, True)))
+    finally:
+        view.destroy()
+        flat.destroy()
+        da.destroy()
+
+
 # (grid, options, rank counts): odd and non-square grids; odd periodic
 # axes end in ragged aggregates (45, 37, 35); 40 = 8·5 is divided exactly
 CASES = [
