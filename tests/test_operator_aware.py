@@ -472,3 +472,25 @@ def test_axis_uniform_levels_read_six_values_and_equal_the_planes(monkeypatch):
                           stencil=torch.as_tensor(np.concatenate([st2.diag[None], st2.coef])))
         assert geo["levels"][0]["coef"].shape[-3:] == (16, 16, 16)
     del sc
+
+
+@pytest.mark.parametrize("shape,periodic", [((1, 12, 9), (False, False, True)),
+                                            ((4, 6, 5), (True, False, True)), ((1, 8, 8), None)])
+def test_dense_bottom_operator_is_apply_a_on_unit_vectors(shape, periodic):
+    """The coarsest level's dense operator, assembled from its coefficients,
+    equals _apply_A on every unit vector (active rows and columns) bit for
+    bit, periodic axes wrapped."""
+    import math
+    from deepcd_petsc.mgnet import MGNet, _dense_operator, wrap_pad
+    g = torch.Generator().manual_seed(4)
+    fl = (torch.rand((1, 1) + shape, generator=g) > 0.25).float()
+    lv = {"fluid": fl, "diag": torch.rand((1, 1) + shape, generator=g) * 5 + 1,
+          "coef": torch.rand((1, 6) + shape, generator=g)}
+    if shape[0] == 1:
+        lv["coef"][:, :2] = 0
+    n, wrap = math.prod(shape), wrap_pad(periodic)
+    f64 = {k: v.double() for k, v in lv.items()}
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *shape)
+    keep = fl.reshape(-1) > 0
+    ref = MGNet()._apply_A(f64, eye, wrap).reshape(n, n).t()[keep][:, keep]
+    assert torch.equal(_dense_operator(lv, keep, wrap), ref)
