@@ -44,6 +44,7 @@ class Stencil:
         self.diag = np.ascontiguousarray(diag, dtype=np.float64)
         self.coef = np.ascontiguousarray(coef, dtype=np.float64)
         self.periodic = tuple(bool(p) for p in periodic)     # (z, y, x)
+        self._packed = None
         if self.coef.shape != (6,) + self.diag.shape:
             raise ValueError(f"coef {self.coef.shape} does not match diag {self.diag.shape}")
 
@@ -53,12 +54,20 @@ class Stencil:
 
     def packed(self):
         """(7, D, H, W): the diagonal, then the six couplings (MGNet.prepare's
-        `stencil`, the Lanczos caches)."""
+        `stencil`, the Lanczos caches); the array a from_packed stencil was
+        made of, else a new one."""
+        if self._packed is not None:
+            return self._packed
         return np.concatenate([self.diag[None], self.coef], 0)
 
     @classmethod
     def from_packed(cls, arr, periodic=(False, False, False)):
-        return cls(arr[0], arr[1:], periodic)
+        """diag and coef are views of a C-contiguous float64 arr (no copy of
+        56 bytes a cell), which packed() then returns."""
+        st = cls(arr[0], arr[1:], periodic)
+        if isinstance(arr, np.ndarray) and arr.dtype == np.float64 and arr.flags.c_contiguous:
+            st._packed = arr
+        return st
 
     def network_kw(self):
         """MGNet.prepare's operator arguments."""
@@ -277,8 +286,7 @@ class AIJRows:
             if not matched.all():
                 bad = np.flatnonzero(~matched)[0]
                 return _not_7_point(self.da, self.lo + rr[bad], cc[bad], vv[bad])
-        st = self.st.reshape((7,) + self.local)
-        return Stencil(st[0], st[1:], periodic_axes(self.da))
+        return Stencil.from_packed(self.st.reshape((7,) + self.local), periodic_axes(self.da))
 
 
 def read_aij(da, A, local):
@@ -470,13 +478,14 @@ def from_flags(flags_local, pflags_local):
     diagonal. `pflags_local`: the block with one ghost layer."""
     from .scenes import FLUID, SOLID
     fluid = np.asarray(flags_local) == FLUID
-    diag = np.zeros(fluid.shape)
-    coef = np.zeros((6,) + fluid.shape)
+    st = np.empty((7,) + fluid.shape)      # packed: diag, then the couplings
+    nonsolid = np.zeros(fluid.shape, np.int8)
     for f, (axis, step) in enumerate(FACES):
         nb = _shift(pflags_local, axis, step)
-        diag += fluid & (nb != SOLID)
-        coef[f] = fluid & (nb == FLUID)
-    return Stencil(np.where(fluid, diag, 1.0), coef)
+        nonsolid += nb != SOLID
+        np.logical_and(fluid, nb == FLUID, out=st[1 + f], casting="unsafe")
+    st[0] = np.where(fluid, nonsolid, 1)
+    return Stencil.from_packed(st)
 
 
 def from_coefficients(flags, open_faces, coefficients):
