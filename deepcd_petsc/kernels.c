@@ -699,44 +699,66 @@ static inline float gelu_v(float x)
     return 0.5f * x * (1.0f + (x < 0.0f ? -erf_a : erf_a));
 }
 
+/* a tile: GATE_TILE cells of a row; the convolution keeps GATE_VL cells ×
+ * GATE_OB channels in registers (GCC vector extensions: ~2x the speed of
+ * the per-channel loops). Every pass runs over whole tiles (the rows are
+ * copied zero-padded), so a cell's arithmetic never depends on where the
+ * block or the tile ends: serial and distributed gates agree bit for bit. */
 #define GATE_TILE 64
+#define GATE_VL 16
+#define GATE_OB 16
+typedef float gate_v __attribute__((vector_size(GATE_VL * sizeof(float))));
+
 void deepcd_gates2d(int H, int W, int C, int O, int S, const float *gp, const float *w1,
                     const float *b1, const float *w2, const float *b2, const float *fluid,
                     float *out, int nt)
 {
     long W2 = W + 2, P = (long)(H + 2) * W2, N = (long)H * W;
+    int Ob = (O + GATE_OB - 1) / GATE_OB * GATE_OB, R = GATE_TILE + 2;
+    float wp[Ob * C * 9], bp[Ob];            /* zero channels up to a whole block */
+    for (int o = 0; o < Ob; o++) {
+        bp[o] = o < O ? b1[o] : 0.0f;
+        for (int i = 0; i < C * 9; i++) wp[o * C * 9 + i] = o < O ? w1[o * C * 9 + i] : 0.0f;
+    }
 #pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
     for (int y = 0; y < H; y++)
         for (int x0 = 0; x0 < W; x0 += GATE_TILE) {
             int n = W - x0 < GATE_TILE ? W - x0 : GATE_TILE;
-            float h[O][GATE_TILE];
+            float in[C * 3][R], h[Ob][GATE_TILE], z[GATE_TILE];
+            for (int c = 0; c < C; c++)
+                for (int dy = 0; dy < 3; dy++) {
+                    float *r = in[c * 3 + dy];
+                    memcpy(r, gp + c * P + (y + dy) * W2 + x0, (n + 2) * sizeof(float));
+                    for (int x = n + 2; x < R; x++) r[x] = 0.0f;
+                }
+            for (int o0 = 0; o0 < Ob; o0 += GATE_OB)
+                for (int xv = 0; xv < GATE_TILE; xv += GATE_VL) {
+                    gate_v acc[GATE_OB], v;
+                    for (int k = 0; k < GATE_OB; k++) acc[k] = (gate_v){0} + bp[o0 + k];
+                    for (int c = 0; c < C; c++)
+                        for (int t = 0; t < 9; t++) {
+                            memcpy(&v, &in[c * 3 + t / 3][xv + t % 3], sizeof v);
+                            for (int k = 0; k < GATE_OB; k++)
+                                acc[k] += wp[((o0 + k) * C + c) * 9 + t] * v;
+                        }
+                    for (int k = 0; k < GATE_OB; k++) memcpy(&h[o0 + k][xv], &acc[k], sizeof v);
+                }
             for (int o = 0; o < O; o++) {
-                float *ho = h[o];
-                for (int x = 0; x < n; x++) ho[x] = b1[o];
-                for (int c = 0; c < C; c++)
-                    for (int dy = 0; dy < 3; dy++) {
-                        const float *row = gp + c * P + (y + dy) * W2 + x0;
-                        const float *w = w1 + ((o * C + c) * 3 + dy) * 3;
 #pragma omp simd
-                        for (int x = 0; x < n; x++)
-                            ho[x] += w[0] * row[x] + w[1] * row[x + 1] + w[2] * row[x + 2];
-                    }
-#pragma omp simd
-                for (int x = 0; x < n; x++) ho[x] = gelu_v(ho[x]);
+                for (int x = 0; x < GATE_TILE; x++) h[o][x] = gelu_v(h[o][x]);
             }
             long u = (long)y * W + x0;
             for (int j = 0; j < S; j++) {
-                float z[GATE_TILE];
-                for (int x = 0; x < n; x++) z[x] = b2[j];
+                for (int x = 0; x < GATE_TILE; x++) z[x] = b2[j];
                 for (int o = 0; o < O; o++) {
                     float w = w2[j * O + o];
                     if (w == 0.0f) continue;      /* another smoother's channel */
 #pragma omp simd
-                    for (int x = 0; x < n; x++) z[x] += w * h[o][x];
+                    for (int x = 0; x < GATE_TILE; x++) z[x] += w * h[o][x];
                 }
 #pragma omp simd
-                for (int x = 0; x < n; x++)
-                    out[j * N + u + x] = 2.0f / (1.0f + exp_v(-z[x])) * fluid[u + x];
+                for (int x = 0; x < GATE_TILE; x++) z[x] = 2.0f / (1.0f + exp_v(-z[x]));
+                for (int x = 0; x < n; x++) out[j * N + u + x] = z[x] * fluid[u + x];
             }
         }
 }
