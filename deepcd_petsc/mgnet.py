@@ -141,6 +141,16 @@ def fold_odd(x, f, op=torch.add):
     return x
 
 
+def max_children(x, f=(2, 2, 2)):
+    """F.max_pool3d(x, f): the children's maximum, one axis at a time
+    (torch's max_pool3d took ~5x as long)."""
+    n, c, d, h, w = x.shape
+    fz, fy, fx = f
+    x = x.reshape(n, c, d, h, w // fx, fx).amax(-1) if fx > 1 else x
+    x = x.reshape(n, c, d, h // fy, fy, w // fx).amax(-2) if fy > 1 else x
+    return x.reshape(n, c, d // fz, fz, h // fy, w // fx).amax(3) if fz > 1 else x
+
+
 def restrict_avg(x, f=(2, 2, 2)):
     """The children's sum over |f| (pool2 for any factors; a three-cell
     aggregate of an odd periodic axis sums three)."""
@@ -717,13 +727,13 @@ class MGNet(nn.Module):
                     # a closed pocket inside one aggregate coarsens to a zero
                     # row (its constant is in A's null space): inactive
                     dead = (sd <= 1e-10 * scale) & (sc.abs().sum(1, keepdim=True) == 0)
-                    fl = F.max_pool3d(fold_odd(fl, f, torch.maximum), f) * (~dead).float()
-                    air = F.max_pool3d(fold_odd(air, f, torch.maximum), f) * (1 - fl)
+                    fl = max_children(fold_odd(fl, f, torch.maximum), f) * (~dead).float()
+                    air = max_children(fold_odd(air, f, torch.maximum), f) * (1 - fl)
                 else:
                     # a coarse cell is air if any child is, else fluid if any child is
-                    air = F.max_pool3d(air, f)
-                    fl = F.max_pool3d(fl, f) * (1 - air)
-                    open_ = F.max_pool3d(open_, f) * fl
+                    air = max_children(air, f)
+                    fl = max_children(fl, f) * (1 - air)
+                    open_ = max_children(open_, f) * fl
             lh = halo
             if l == g and (mh is not None or fl.shape[-3:] != gshape):
                 # level g whole, padded for the levels below: gathered from

@@ -192,3 +192,11 @@ def test_anisotropic_families_not_worse_than_gamg(scene, seed):
         assert res["true_residual"] <= 1e-6
         its[name] = res["iterations"]
     assert its["dcdm"] <= its["gamg"], its
+
+
+@pytest.mark.parametrize("f", [(2, 2, 2), (1, 2, 2), (2, 1, 2), (1, 1, 2), (2, 2, 1)])
+def test_max_children_is_max_pool(f):
+    """The set-up's per-axis children maximum equals F.max_pool3d."""
+    from deepcd_petsc.mgnet import max_children
+    x = torch.rand((2, 1, 4, 6, 10), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(max_children(x, f), torch.nn.functional.max_pool3d(x, f))
