@@ -293,6 +293,33 @@ def _dense_operator(lv, keep, wrap=None):
     return a
 
 
+def _deflated_inverse(s, a, d):
+    """s⁺ of the scaled coarsest operator s = d·a·d whose null space is the
+    constants of its closed regions (connected, without a Dirichlet part):
+    with N their orthonormal vectors d⁻¹·1, s⁺ = (s + NNᵀ)⁻¹ − NNᵀ, by one
+    Cholesky factor instead of pinv's eigendecomposition (a closed 4096²
+    box's 64² bottom: 11 s). None where that does not hold (another
+    near-null mode: the Cholesky pivots say so); then the caller's pinv."""
+    from scipy.sparse.csgraph import connected_components
+    ncomp, labels = connected_components((a != 0).cpu().numpy(), directed=False)
+    labels = torch.as_tensor(labels, device=a.device)
+    rowsum, diag = a.sum(1), a.diagonal()
+    vecs = []
+    for k in range(ncomp):
+        on = labels == k
+        if float(rowsum[on].abs().max()) <= 1e-10 * float(diag[on].abs().max()):
+            v = torch.where(on, 1.0 / d, torch.zeros_like(d))
+            vecs.append(v / v.norm())
+    if not vecs:
+        return None
+    n = torch.stack(vecs, 1)
+    nnt = n @ n.t()
+    L, info = torch.linalg.cholesky_ex(s + nnt)
+    if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
+        return None
+    return torch.cholesky_inverse(L) - nnt
+
+
 def _galerkin_level(sd, sc, fl, f):
     """(diag, coef) of the next coefficient level and the children's
     Σ|diag·fl| (dead rows are zero next to it): one C pass on the CPU
@@ -823,7 +850,9 @@ class MGNet(nn.Module):
         if int(info) == 0 and float(L.diagonal().min()) ** 2 > 1e-8:
             inv = torch.cholesky_inverse(L)
         else:
-            inv = torch.linalg.pinv(s, hermitian=True, rtol=1e-10)
+            inv = _deflated_inverse(s, a, d)
+            if inv is None:
+                inv = torch.linalg.pinv(s, hermitian=True, rtol=1e-10)
         inv = d[:, None] * inv * d[None, :]
         if inv.shape[0] == n:
             return inv

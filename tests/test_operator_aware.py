@@ -494,3 +494,32 @@ def test_dense_bottom_operator_is_apply_a_on_unit_vectors(shape, periodic):
     keep = fl.reshape(-1) > 0
     ref = MGNet()._apply_A(f64, eye, wrap).reshape(n, n).t()[keep][:, keep]
     assert torch.equal(_dense_operator(lv, keep, wrap), ref)
+
+
+def test_deflated_bottom_inverse_is_the_pseudo_inverse():
+    """The singular coarsest level's inverse by one Cholesky factor with its
+    closed regions' constants deflated equals pinv's: two closed regions
+    (varying coefficients) and one with a Dirichlet part; None (pinv then)
+    where another near-null mode exists."""
+    from deepcd_petsc.mgnet import _deflated_inverse
+    g = torch.Generator().manual_seed(3)
+    n = 30
+    a = torch.zeros(n, n, dtype=torch.float64)
+    for lo, hi in ((0, 10), (10, 22), (22, 30)):      # three chains
+        for i in range(lo, hi - 1):
+            c = float(torch.rand(1, generator=g, dtype=torch.float64)) * 100 + 0.01
+            a[i, i + 1] = a[i + 1, i] = -c
+    a -= torch.diag(a.sum(1))
+    a[25, 25] += 3.0                                   # the third has a Dirichlet part
+    d = a.diagonal().rsqrt()
+    s = d[:, None] * a * d[None, :]
+    inv = _deflated_inverse(s, a, d)
+    ref = torch.linalg.pinv(s, hermitian=True, rtol=1e-10)
+    assert inv is not None and (inv - ref).abs().max() <= 1e-9 * ref.abs().max()
+    # a near-null mode that is no region's constant (a weak link of 1e-9
+    # between two halves of the first chain): the pivots refuse
+    b = a.clone()
+    b[4, 5] = b[5, 4] = -1e-9
+    b -= torch.diag(b.sum(1))
+    db = b.diagonal().rsqrt()
+    assert _deflated_inverse(db[:, None] * b * db[None, :], b, db) is None
