@@ -112,7 +112,7 @@ class Decomposition:
             # blocks: whole cells down to the gathered level, which is cut
             # back to them (own_block); the coarser levels run whole
             self.multiples = tuple(reversed(self.divisors[self.gather_from]))
-        # (a ragged periodic axis: the last block takes the remainder,
+        # (an unpadded axis: the last block takes the remainder,
         # which holds the three-cell last aggregates)
         units = [max(p // m, 1) for p, m in zip(self.padded, self.multiples)]
         self.rank = rank
