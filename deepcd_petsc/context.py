@@ -428,7 +428,6 @@ class NetworkContext:
         if plan is not None:
             from .mgnet import describe_plan
             p(f"  network coarsening (axes halved per level): {describe_plan(plan)}\n")
-        geo = getattr(self.evaluator, "geo", None)
         if isinstance(geo, dict) and "levels" in geo:     # (a V-cycle network's)
             six = [str(l) for l, lv in enumerate(geo["levels"])
                    if "coef" in lv and lv["coef"].shape[-3:] == (1, 1, 1) and lv["fluid"].numel() > 1]

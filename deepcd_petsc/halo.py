@@ -33,7 +33,7 @@ def plan_divisors(plan):
     return divs
 
 
-def level_padding(shape, plan, gather=None, periodic=None):
+def level_padding(shape, plan, gather=None, unpadded=None):
     """(g, fine, coarse): how a grid of `shape` (z, y, x) is padded for a
     coarsening `plan` ((fz, fy, fx) per level). Without a gathered level
     (g None) the fine grid is padded to the product of all factors. With
@@ -43,11 +43,12 @@ def level_padding(shape, plan, gather=None, periodic=None):
     padding then costs cells of a ≤ 32³ level, not a slab of the fine grid
     on the last rank of each axis (120³ on 27 ranks: the corner rank's
     block was 48³ instead of 40³). `gather`: mgnet.gather_level, decided on
-    the fully padded grid's level sizes. `periodic` (z, y, x): those axes
-    are never padded (the wrap would see the padding); their levels are
-    floor(n / divisor) long (ragged_shape)."""
+    the fully padded grid's level sizes. `unpadded` (z, y, x): axes never
+    padded (periodic ones: the wrap would see the padding; every axis of a
+    coefficient level); their levels are floor(n / divisor) long
+    (ragged_shape)."""
     shape = tuple(int(s) for s in shape)
-    per = tuple(bool(p) for p in (periodic or (False,) * 3))
+    per = tuple(bool(p) for p in (unpadded or (False,) * 3))
     divs = plan_divisors(plan)
 
     def pad(n, m, p):
@@ -66,7 +67,7 @@ def level_padding(shape, plan, gather=None, periodic=None):
 
 def ragged_shape(shape, divisor):
     """A level's shape: floor(n / d) per axis. Padded axes divide exactly;
-    where an unpadded periodic axis is odd, its last aggregate takes three
+    where an unpadded axis is odd, its last aggregate takes three
     cells (mgnet.fold_odd): floor(floor(n / 2) / 2) = floor(n / 4), so the
     levels of blocks and of the whole grid agree."""
     return tuple(int(n) // int(d) for n, d in zip(shape, divisor))

@@ -703,7 +703,7 @@ class MGNet(nn.Module):
             # the coefficient levels pad no axis: an odd one's last
             # aggregate takes three cells (fold_odd) instead
             g, fine, gshape = level_padding(shape, plan, gather_level,
-                                            periodic if stencil is None else (True,) * 3)
+                                            unpadded=periodic if stencil is None else (True,) * 3)
             pad = [p - s for p, s in zip(fine, shape)]
             halo = wrap
         L = len(plan) + 1
@@ -772,7 +772,8 @@ class MGNet(nn.Module):
                     open_ = whole(open_)
                 if sd is not None:
                     sd, sc = whole(sd), whole(sc)
-            if mh is not None and g is not None and l >= g:
+            gathered = mh is not None and g is not None and l >= g
+            if gathered:
                 lh = wrap         # from level g on the whole level on every rank, as serially
             lv = {}
             if sd is not None:
@@ -784,22 +785,21 @@ class MGNet(nn.Module):
                 # in 2D, so that an interior cell looks as in 3D)
                 feat = torch.where(cmax > 0, diag / (nfaces * cmax.clamp(min=1e-300)),
                                    torch.ones_like(diag)) * fl
-                compact = l == 0 and unit0     # the unit operator: compact passes, no planes
-                if not compact:
+                # the unit operator: compact passes, no planes
+                if not (l == 0 and unit0):
                     # one value per face direction (anisotropic cells on a
                     # box, and their Galerkin levels): six floats instead
                     # of six planes; checked while the levels above were
-                    gathered = mh is not None and g is not None and l >= g
                     axw = _axis_uniform(sc, fl, lh, None if gathered else mh) if check_axis else None
                     check_axis = axw is not None
                     lv["coef"] = (sc if axw is None else axw).to(dtype)
-                # c / √(c_max · c_mean) over the coupled faces, at most 1: 1
-                # wherever the couplings are equal (the unit operator, walls
-                # included), so the learned taps act as trained there; never
-                # above 1, since the taps were learned on isotropic scenes and
-                # amplified along strong axes they diverged on anisotropic
-                # cells (64³ aniso: 95 iterations with n_c·c/Σc, 15 with this)
-                if not compact:
+                    # c / √(c_max · c_mean) over the coupled faces, at most 1:
+                    # 1 wherever the couplings are equal (the unit operator,
+                    # walls included), so the learned taps act as trained
+                    # there; never above 1, since the taps were learned on
+                    # isotropic scenes and amplified along strong axes they
+                    # diverged on anisotropic cells (64³ aniso: 95
+                    # iterations with n_c·c/Σc, 15 with this)
                     csum = sc.sum(1, keepdim=True)
                     nc = (sc > 0).sum(1, keepdim=True).to(sc.dtype)
                     mean = csum / nc.clamp(min=1)
@@ -816,7 +816,7 @@ class MGNet(nn.Module):
                 # the coarsening to the next level (fz, fy, fx)
                 "factors": plan[l] if l < L - 1 else None,
                 "flat": nfaces == 4,       # 2D: the kernels skip the z taps
-                "gathered": mh is not None and g is not None and l >= g,
+                "gathered": gathered,
                 "taps": [sm_.kernel.detach().tolist() for sm_ in sm],
                 "fluid": fl.to(dtype), "diag": diag.to(dtype), "dinv": (fl / diag).to(dtype),
                 # gates premultiplied by the fluid mask: one pass less per step
