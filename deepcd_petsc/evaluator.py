@@ -43,8 +43,9 @@ class NetworkEvaluator:
     block of cell flags in the user's DMDA layout."""
 
     def __init__(self, net, da, flags_local, dirichlet_local=None, dtype=torch.float32, device="cpu",
-                 stencil_local=None, periodic=None):
+                 stencil_local=None, periodic=None, kcycle=False):
         from petsc4py import PETSc
+        self.kcycle = kcycle
         self.net, self.dtype, self.device = net, dtype, torch.device(device)
         self.comm = da.getComm()
         self.shape = tuple(da.getSizes())          # (nx, ny, nz)
@@ -159,7 +160,7 @@ class NetworkEvaluator:
             raise SetupError("this model (a U-Net) reads cell flags only; operators with "
                              "coefficients need a V-cycle model")
         return {"stencil": torch.as_tensor(np.ascontiguousarray(st, dtype=np.float64)),
-                "periodic": periodic}
+                "periodic": periodic, "kcycle": self.kcycle}
 
     def _block_shape(self):
         (x0, x1), (y0, y1), (z0, z1) = self.dec.block

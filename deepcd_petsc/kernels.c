@@ -443,6 +443,31 @@ void deepcd_mgc_resid(int D, int H, int W, const float *xp, const float *b, cons
     ZC_DISPATCH(mgc_resid, D, H, W, xp, b, dinv, coef, sp, nt);
 }
 
+/* r = fluid·(b − A x) unscaled (x in the padded xp, ghosts filled): the
+ * K-cycle's residual after its first step (mgnet._kcycle_fused); through
+ * D⁻¹ and back it lost digits where the diagonal is large (jumps) */
+static inline __attribute__((always_inline)) void
+mgc_bax(int D, int H, int W, const float *xp, const float *b, const float *diag,
+        const float *fluid, const float *coef, float *r, int nt, int cs, int zt)
+{
+    long H2 = H + 2, W2 = W + 2, P = H2 * W2, N = (long)D * H * W;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(clamp_threads(nt))
+    for (int z = 0; z < D; z++)
+        for (int y = 0; y < H; y++) {
+            long u = ((long)z * H + y) * W;
+            const float *c = ROW(xp, z, y, H2, W2);
+            ZC_SPLIT(_Pragma("omp simd") for (int x = 0; x < W; x++)
+                r[u + x] = fluid[u + x] * (b[u + x] - (diag[u + x] * c[x]
+                                                       - coupled(c, u, x, N, P, W2, coef, zt_, cs_))););
+        }
+}
+
+void deepcd_mgc_bax(int D, int H, int W, const float *xp, const float *b, const float *diag,
+                    const float *fluid, const float *coef, float *r, int cs, int zt, int nt)
+{
+    ZC_DISPATCH(mgc_bax, D, H, W, xp, b, diag, fluid, coef, r, nt);
+}
+
 /* the taps' per-face weight min(c_f · tnorm, 1), tnorm = 1/√(c_max·c_mean)
  * of the row (mgnet.prepare): computed here, not stored (24 bytes per cell
  * and level less) */

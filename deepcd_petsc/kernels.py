@@ -85,6 +85,7 @@ MG_SIGNATURES = {
     # levels with coefficients (stencil.py)
     # (cs before zt: 1 with a coupling plane per face, 0 with one value per face)
     "deepcd_mgc_resid": [_int, _int, _int, _v, _v, _v, _v, _v, _int, _int, _int],
+    "deepcd_mgc_bax": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int, _int],
     "deepcd_mgc_step": [_int, _int, _int, _v, _v, _v, _v, _v, _v, _int, _int, _int, _int],
     # semi-coarsened levels (factors per axis)
     "deepcd_mgc_restrict_s": [_int] * 6 + [_v] * 7 + [_int, _int, _int],
@@ -553,6 +554,12 @@ class CKernels:
         self.lib.deepcd_mgc_resid(*b.shape, xp.data_ptr(), b.data_ptr(), dinv.data_ptr(),
                                   coef.data_ptr(), sp.data_ptr(), _planes(coef, b), int(not flat),
                                   self.nt())
+
+    def bax(self, xp, b, diag, fluid, coef, r, flat=False):
+        """r = fluid·(b − A x), x in xp (ghosts filled)."""
+        self.lib.deepcd_mgc_bax(*b.shape, xp.data_ptr(), b.data_ptr(), diag.data_ptr(),
+                                fluid.data_ptr(), coef.data_ptr(), r.data_ptr(), _planes(coef, b),
+                                int(not flat), self.nt())
 
     def step_c(self, sp, w, coef, tnorm, g, xp, first, flat=False):
         self.lib.deepcd_mgc_step(*g.shape, sp.data_ptr(), w.data_ptr(), coef.data_ptr(),
