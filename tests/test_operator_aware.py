@@ -181,19 +181,21 @@ def test_switch_option_validated():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("fam,shape", [("density", "20,24,16"), ("stretch", "20,24,16"),
-                                       ("periodic", "20,24,16"), ("periodic", "37,27,16"),
-                                       ("perm", "37,27,21")])
-def test_family_same_iterations_on_ranks(fam, shape):
+@pytest.mark.parametrize("fam,shape,extra", [("density", "20,24,16", ()), ("stretch", "20,24,16", ()),
+                                             ("periodic", "20,24,16", ()), ("periodic", "37,27,16", ()),
+                                             ("perm", "37,27,21", ()),
+                                             ("density", "37,27,16", ("-ksp_dcdm_kcycle", "2"))])
+def test_family_same_iterations_on_ranks(fam, shape, extra):
     """The coefficient levels (Galerkin coarsening, gathered coarse
     levels, the coarsest pseudo-inverse) on 2 and 3 ranks: serial
     iterations, same solution to rounding; also on odd lengths, periodic
-    or not (three-cell last aggregates in the last block of each axis)."""
+    or not (three-cell last aggregates in the last block of each axis);
+    with K-cycles (their sums over the ranks) on the finest two levels."""
     import json
     from helpers import run_cli_mpi
     args = ["solve", "--scene", fam, "--shape", shape, "--seed", "4", "--json",
             "-ksp_rtol", "1e-6", "-ksp_type", "python", "-ksp_python_type", "deepcd_petsc.DCDM",
-            "-ksp_dcdm_threads", "1"]
+            "-ksp_dcdm_threads", "1", *extra]
     out = {}
     for n in (1, 2, 3):
         r = run_cli_mpi(n, args)

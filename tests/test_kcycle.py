@@ -1,0 +1,154 @@
+"""The K-cycle on coefficient levels (mgnet._kcycle, _kcycle_fused): the
+fused C passes equal the torch arithmetic, it saves iterations where the
+V-cycle's aggregation loses the smoothest modes, and -ksp_dcdm_kcycle and
+-ksp_view say which cycle runs (1 level on 2D grids, none on 3D ones)."""
+import numpy as np
+import pytest
+import torch
+from petsc4py import PETSc
+
+from deepcd_petsc.errors import SetupError, error_message
+from deepcd_petsc.evaluate import TorchSystem, dcdm
+from deepcd_petsc.model import default_model_path, dirichlet_fraction, load_model
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {d: load_model(default_model_path(d))[0] for d in (2, 3)}
+
+
+def _apply(net, s, kcycle, fused, dtype=torch.float32):
+    net.fused = fused
+    try:
+        with torch.inference_mode():
+            geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces), dtype=dtype,
+                              kcycle=kcycle, **s.stencil.network_kw())
+            r = (s.b / s.b.norm())[None, None].to(dtype)
+            return net(r, geo).double(), geo
+    finally:
+        net.fused = True
+
+
+# density: jumps of 1000 (a residual through D⁻¹ and back lost 4% here);
+# odd periodic lengths end in three-cell aggregates; aniso's levels are
+# axis-uniform (six values, no planes); a 3D family for the 6-face passes
+@pytest.mark.parametrize("scene,shape,kcycle", [
+    ("density", (66, 50, 1), 1), ("density", (66, 50, 1), 3), ("periodic", (45, 37, 1), 2),
+    ("aniso", (64, 48, 1), 1), ("perm", (20, 18, 16), 2)])
+def test_fused_kcycle_equals_torch(nets, scene, shape, kcycle):
+    s = TorchSystem(scene, shape, 5)
+    net = nets[2 if shape[2] == 1 else 3]
+    ref, _ = _apply(net, s, kcycle, False, torch.float64)
+    torch32, _ = _apply(net, s, kcycle, False)
+    fused, geo = _apply(net, s, kcycle, True)
+    assert "fused" in geo["levels"][1], "the fused kernels did not run"
+    scale = ref.norm()
+    assert (torch32 - ref).norm() <= 2e-3 * scale
+    assert (fused - ref).norm() <= 2e-3 * scale
+    # and it is not the V-cycle
+    v, _ = _apply(net, s, 0, True)
+    assert (v - fused).norm() > 1e-2 * scale
+
+
+def test_kcycle_saves_iterations_on_2d_liquid(nets):
+    """The V-cycle's piecewise-constant aggregation leaves the smoothest
+    modes to the Krylov method; the K-cycle's two coarse steps on the
+    finest level resolve them (held-out seeds of the training's scenes)."""
+    net = nets[2]
+    for seed in (3, 9):
+        s = TorchSystem("liquid", (256, 256, 1), seed)
+        its = {}
+        for k in (0, 1):
+            _, geo = _apply(net, s, k, True)
+            its[k], hist = dcdm(s, net, geo, maxit=100, northo=3)
+            assert hist[-1] <= 1e-6
+        assert its[1] <= its[0] - 2, its
+
+
+def _da_and_laplacian(dim):
+    sizes = (24, 20) if dim == 2 else (12, 10, 8)
+    da = PETSc.DMDA().create(dim=dim, sizes=sizes, dof=1, stencil_width=1, comm=PETSc.COMM_SELF)
+    A = da.createMat()
+    ranges = da.getRanges()
+    row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
+    for idx in np.ndindex(*[e - s for s, e in ranges]):
+        row.index = col.index = idx
+        A.setValueStencil(row, col, 2.0 * dim)
+        for ax in range(dim):
+            for step in (-1, 1):
+                nb = list(idx)
+                nb[ax] += step
+                if 0 <= nb[ax] < sizes[ax]:
+                    col.index = tuple(nb)
+                    A.setValueStencil(row, col, -1.0)
+    A.assemble()
+    return da, A
+
+
+def _view(dim, opts, tmp_path):
+    import deepcd_petsc
+    da, A = _da_and_laplacian(dim)
+    prefix = f"kc{dim}{len(opts)}_"
+    o = PETSc.Options()
+    for k, v in opts.items():
+        o[prefix + k] = v
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    try:
+        ksp.setOperators(A)
+        ksp.setOptionsPrefix(prefix)
+        ksp.setType("python")
+        ksp.setPythonContext(deepcd_petsc.DCDM())
+        ksp.setDM(da)
+        from deepcd_petsc.petsc_compat import set_dm_inactive
+        set_dm_inactive(ksp)
+        ksp.setFromOptions()
+        b = A.createVecLeft()
+        b.setRandom()
+        x = b.duplicate()
+        ksp.setTolerances(rtol=1e-6)
+        ksp.solve(b, x)
+        assert ksp.getConvergedReason() > 0
+        path = tmp_path / f"{prefix}view.txt"
+        v = PETSc.Viewer().createASCII(str(path), comm=PETSc.COMM_SELF)
+        ksp.view(v)
+        v.destroy()
+        b.destroy()
+        x.destroy()
+        return path.read_text()
+    finally:
+        ksp.destroy()
+        A.destroy()
+        da.destroy()
+        for k in opts:
+            o.delValue(prefix + k)
+
+
+def test_kcycle_option_and_view(tmp_path):
+    assert "coarse corrections: K-cycle on the finest 1 level(s)" in _view(2, {}, tmp_path)
+    assert "(default for 2D grids)" in _view(2, {}, tmp_path)
+    text = _view(2, {"ksp_dcdm_kcycle": "0"}, tmp_path)
+    assert "coarse corrections: V-cycle (-kcycle)" in text, text
+    # 3D: V-cycle unless asked for
+    text = _view(3, {}, tmp_path)
+    assert "K-cycle" not in text, text
+
+
+def test_negative_kcycle_is_one_line():
+    import deepcd_petsc
+    da, A = _da_and_laplacian(2)
+    o = PETSc.Options()
+    o["kn_ksp_dcdm_kcycle"] = "-1"
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    try:
+        ksp.setOperators(A)
+        ksp.setOptionsPrefix("kn_")
+        ksp.setType("python")
+        ksp.setPythonContext(deepcd_petsc.DCDM())
+        with pytest.raises((SetupError, PETSc.Error)) as e:
+            ksp.setFromOptions()
+        assert error_message(e.value) == "-kn_ksp_dcdm_kcycle must be >= 0 (levels with a K-cycle; 0: V-cycle), got -1"
+    finally:
+        o.delValue("kn_ksp_dcdm_kcycle")
+        ksp.destroy()
+        A.destroy()
+        da.destroy()
