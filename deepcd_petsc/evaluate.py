@@ -13,17 +13,8 @@ from .scenes import FLUID, padded
 
 # Directions DCDM A-orthogonalises against, as in the paper (README,
 # "Choosing m": more costs time and memory and saves little with the
-# V-cycle network on 3D grids).
+# V-cycle network).
 DEFAULT_NORTHO = 2
-# The PETSc KSP's default on 2D grids: there a third direction saves one or
-# two iterations on the harder scenes (liquid 2048², seeds 3, 8, 9: 13, 13,
-# 14 -> 12, 12, 12) for a few percent of an iteration (README, "Choosing m").
-DEFAULT_NORTHO_2D = 3
-
-
-def default_northo(dim=3):
-    """DCDM's m without -ksp_dcdm_northo, by the grid's dimension."""
-    return DEFAULT_NORTHO_2D if dim == 2 else DEFAULT_NORTHO
 
 
 class TorchSystem:

@@ -20,7 +20,7 @@ from petsc4py import PETSc
 from . import kernels
 from .context import NetworkContext
 from .errors import SetupError, reported
-from .evaluate import default_northo
+from .evaluate import DEFAULT_NORTHO
 from .petsc_compat import null_space
 from .workspace import VecView, Workspace
 
@@ -34,7 +34,7 @@ class DCDM(NetworkContext):
 
     def __init__(self):
         super().__init__()
-        self.northo = None          # -ksp_dcdm_northo; None: by the grid's dimension (m)
+        self.northo = DEFAULT_NORTHO
         # ‖r‖ > this × ‖r‖ of STAGNATION_WINDOW iterations before counts as
         # stagnation: like CG's, DCDM's ‖r‖ need not fall every step (its
         # error's A-norm does), and a one-step test fired on good solves
@@ -58,22 +58,15 @@ class DCDM(NetworkContext):
     @reported
     def setFromOptions(self, ksp):
         opts = self.read_options(ksp)
-        if opts.hasName("northo"):
-            m = opts.getInt("northo")
-            if m < 0:
-                raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
-            self.northo = m
+        m = opts.getInt("northo", self.northo)
+        if m < 0:
+            raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
+        self.northo = m
         self.stagnation = opts.getReal("stagnation", self.stagnation)
         sw = opts.getInt("switch", self.switch)
         if sw < 0:
             raise SetupError(f"-{self.option_prefix(ksp)}switch must be >= 0 (0: never), got {sw}")
         self.switch = sw
-
-    @property
-    def m(self):
-        """Directions A-orthogonalised against: -ksp_dcdm_northo, else the
-        default for the grid's dimension (known once set up)."""
-        return self.northo if self.northo is not None else default_northo(self.grid_dim)
 
     @reported
     def setUp(self, ksp):
@@ -86,7 +79,7 @@ class DCDM(NetworkContext):
         own KSPs do) and kept between solves."""
         # with m = 0 one more slot holds a check's Jacobi candidate (else the
         # oldest direction's slot does: it leaves after this step anyway)
-        count = 2 + 2 * (self.m + 1 + (self.m == 0))
+        count = 2 + 2 * (self.northo + 1 + (self.northo == 0))
         if self.ws is None or not self.ws.fits(sizes, count):
             self._free_workspace()
             self.ws = Workspace(sizes, bsize, comm, count)
@@ -102,15 +95,14 @@ class DCDM(NetworkContext):
 
     @reported
     def view(self, ksp, viewer):
-        viewer.printfASCII(f"  DCDM: {self.m} A-orthogonalised previous direction(s)"
-                           f"{'' if self.northo is not None else f' (default for {self.grid_dim}D grids)'}; "
+        viewer.printfASCII(f"  DCDM: {self.northo} A-orthogonalised previous direction(s); "
                            f"safeguard: where ‖r‖ > {self.stagnation} × ‖r‖ {STAGNATION_WINDOW} "
                            f"iterations before, the Jacobi direction D⁻¹r replaces the network's "
                            f"when it lowers the error's energy more\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve "
                            f"({self.checks} check(s)), {self.total_fallbacks} in all\n")
         sw = (f"after {self.switch} fallbacks in a solve, if Jacobi won half the checks"
-              if self.switch and self.m
+              if self.switch and self.northo
               else "never" + (" (needs northo >= 1)" if self.switch else ""))
         last = (f"the last solve switched at iteration {self.switched_at}"
                 if self.switched_at is not None else "the last solve did not")
@@ -249,7 +241,7 @@ class DCDM(NetworkContext):
                 if used_fallback and not jacobi_only:
                     self.fallbacks += 1
                     self.total_fallbacks += 1
-                    if self.switch and self.m and self.fallbacks >= self.switch \
+                    if self.switch and self.northo and self.fallbacks >= self.switch \
                             and 2 * self.fallbacks >= self.checks:
                         # Jacobi won at least half of the checks: the network is
                         # worse than D⁻¹ here, and mixing network and Jacobi
@@ -282,7 +274,7 @@ class DCDM(NetworkContext):
                 x.stateIncrease()    # monitors reading x see the new iterate
                 free.pop()
                 dirs.append((slot, dAd))
-                if len(dirs) > self.m:
+                if len(dirs) > self.northo:
                     free.append(dirs.pop(0)[0])
                 its += 1
                 check = not jacobi_only and its >= next_check and (

@@ -280,8 +280,7 @@ def _ksp_on(da, A, prefix, **opts):
 
 def test_the_grid_dimension_picks_the_shipped_model(tmp_path):
     """Without -model a 2D DMDA gets default2d.pt and a 3D one default.pt
-    (-ksp_view says which); -model overrides it for both. m follows the
-    dimension too (3 in 2D, 2 in 3D) unless -ksp_dcdm_northo is given."""
+    (-ksp_view says which); -model overrides it for both."""
     from deepcd_petsc.model import default_model_path
     cases = [(PETSc.DMDA().create(dim=2, sizes=(24, 20), dof=1, stencil_width=1, comm=PETSc.COMM_SELF), 2),
              (PETSc.DMDA().create(dim=3, sizes=(12, 10, 8), dof=1, stencil_width=1, comm=PETSc.COMM_SELF), 3)]
@@ -301,17 +300,8 @@ def test_the_grid_dimension_picks_the_shipped_model(tmp_path):
                 v.destroy()
                 text = view.read_text()
                 assert f"model: {want}" in text and ("(shipped default)" in text) == (not opts), text
-                m = 3 if dim == 2 else 2
-                assert ctx.m == m and f"{m} A-orthogonalised previous direction(s) (default for {dim}D grids)" in text
             finally:
                 ksp.destroy()
-        ksp = _ksp_on(da, A, f"m{dim}c_", ksp_dcdm_northo="1")
-        try:
-            ksp.setUp()
-            assert ksp.getPythonContext().m == 1
-            assert ksp.getPythonContext().ws.count == 2 + 2 * 2
-        finally:
-            ksp.destroy()
         A.destroy()
         da.destroy()
     assert default_model_path(2) != default_model_path(3)
