@@ -24,7 +24,9 @@ most `max_levels`; the grid is padded (solid cells) to a multiple of
 coarsening_plan instead: semi-coarsening halves only the strongly coupled
 axes, and each axis is padded to the product of its factors. Distributed
 evaluation takes the plan from the decomposition, which is computed by the
-same rule from strengths summed over the ranks.
+same rule from strengths summed over the ranks. On the finest `kcycle`
+coefficient levels the coarse correction is a K-cycle (two coarse cycles,
+combined by energy; scale-free, so f stays positively homogeneous).
 """
 import math
 import warnings
