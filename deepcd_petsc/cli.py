@@ -114,6 +114,8 @@ def build_parser():
     e.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     e.add_argument("--no-baselines", action="store_true", help="skip CG and CG+Jacobi")
     e.add_argument("--northo", type=int, help="directions to A-orthogonalise against (default 2)")
+    e.add_argument("--kcycle", type=int, help="finest levels with a K-cycle (default: DCDM's, 1 in 2D "
+                                               "and 0 in 3D; 0: the V-cycle)")
     e.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
     bp = sub.add_parser("bench", help="DCDM vs PETSc's classical solvers: tables, JSON, plots")
     bp.add_argument("--scenes", default="spheres,liquid", help="scenes, comma list")
@@ -415,6 +417,8 @@ def cmd_evaluate(a, petsc_args):
     sizes = _ints(a.sizes, "--sizes")
     if min(sizes) < 4:
         raise UserError("sizes must be >= 4")
+    if a.kcycle is not None and a.kcycle < 0:
+        raise UserError(f"--kcycle must be >= 0 (0: the V-cycle), got {a.kcycle}")
     from .mgnet import MGNet
     _flags_only_check(not isinstance(net, MGNet), _scenes(a.scenes))
 
@@ -423,7 +427,7 @@ def cmd_evaluate(a, petsc_args):
               + (f", CG {row['cg']}, CG+Jacobi {row['cg_jacobi']}" if "cg" in row else ""), flush=True)
     rows = evaluate(net, _scenes(a.scenes), sizes, _ints(a.seeds, "--seeds"), a.rtol, a.maxit,
                     device, DTYPES[a.dtype], baselines=not a.no_baselines, progress=show,
-                    dim=a.dim, **({"northo": a.northo} if a.northo is not None else {}))
+                    dim=a.dim, kcycle=a.kcycle, **({"northo": a.northo} if a.northo is not None else {}))
     cols = ["scene", "grid", "seed", "dcdm", "dcdm_s"] + ([] if a.no_baselines else ["cg", "cg_jacobi"])
     print(markdown_table(rows, cols))
     if a.json:

@@ -158,13 +158,10 @@ class NetworkContext:
 
     def kcycle(self):
         """Levels, from the finest, whose coarse correction is a K-cycle
-        (mgnet._kcycle): -kcycle, else 1 on 2D grids and 0 on 3D ones. The
-        finest level's wins most: 2D liquid 2048² 12-14 -> 7-8 iterations
-        for ~1.4x the network's time; on 3D coefficient levels ~10% fewer
-        iterations (density 64³) did not pay for it (README, "K-cycle")."""
-        if self.kcycle_levels is not None:
-            return self.kcycle_levels
-        return 1 if self.grid_dim == 2 else 0
+        (mgnet._kcycle): -kcycle, else mgnet.default_kcycle (1 on 2D
+        grids, 0 on 3D ones)."""
+        from .mgnet import default_kcycle
+        return self.kcycle_levels if self.kcycle_levels is not None else default_kcycle(self.grid_dim)
 
     def _model_key(self, dim=3):
         """What the loaded network depends on: another value reloads it.

@@ -102,16 +102,22 @@ def cg(system, rtol=1e-6, maxit=5000, jacobi=False):
 
 
 def evaluate(net, scenes, sizes, seeds, rtol=1e-6, maxit=500, device="cpu",
-             dtype=torch.float32, baselines=True, progress=None, northo=DEFAULT_NORTHO, dim=3):
+             dtype=torch.float32, baselines=True, progress=None, northo=DEFAULT_NORTHO, dim=3,
+             kcycle=None):
     """Rows of {scene, n, dim, seed, dcdm, cg, cg_jacobi, dcdm_s} iteration
-    counts on N³ grids, or N² with dim=2 (the scenes' 2D versions)."""
+    counts on N³ grids, or N² with dim=2 (the scenes' 2D versions).
+    `kcycle`: K-cycle levels (None: DCDM's default for the dimension)."""
+    from .mgnet import MGNet, default_kcycle
+    kc = {}
+    if isinstance(net, MGNet):
+        kc = {"kcycle": default_kcycle(dim) if kcycle is None else kcycle}
     rows = []
     for n in sizes:
         for scene in scenes:
             for seed in seeds:
                 s = TorchSystem(scene, (n, n, n if dim == 3 else 1), seed, device)
                 with torch.inference_mode():
-                    kw = {} if s.stencil is None else s.stencil.network_kw()
+                    kw = {} if s.stencil is None else {**s.stencil.network_kw(), **kc}
                     geo = net.prepare(s.flags, dirichlet_fraction(s.flags, s.faces),
                                       dtype=dtype, device=device, **kw)
                 t = time.perf_counter()

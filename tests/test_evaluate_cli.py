@@ -155,6 +155,19 @@ def test_cli_evaluate_bad_sizes():
     assert_one_line_error(run_cli(["evaluate", "--sizes", "abc"]), "--sizes", "abc")
 
 
+def test_cli_evaluate_kcycle_2d():
+    """evaluate runs DCDM's default on 2D grids (the K-cycle on the finest
+    level); --kcycle 0 is the V-cycle, which needs more iterations here."""
+    its = {}
+    for k in (None, 0):
+        r = run_cli(["evaluate", "--dim", "2", "--sizes", "256", "--seeds", "3", "--scenes", "liquid",
+                     "--no-baselines", "--json", "--threads", "1"] + ([] if k is None else ["--kcycle", str(k)]))
+        assert r.returncode == 0, r.stdout + r.stderr
+        its[k] = json.loads(r.stdout.strip().splitlines()[-1])[0]["dcdm"]
+    assert isinstance(its[None], int) and isinstance(its[0], int) and its[None] < its[0], its
+    assert_one_line_error(run_cli(["evaluate", "--sizes", "8", "--kcycle", "-1"]), "--kcycle")
+
+
 def test_cli_evaluate_bad_scene():
     assert_one_line_error(run_cli(["evaluate", "--sizes", "8", "--scenes", "nope"]), "nope")
 
