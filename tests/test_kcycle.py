@@ -10,6 +10,7 @@ from petsc4py import PETSc
 from deepcd_petsc.errors import SetupError, error_message
 from deepcd_petsc.evaluate import TorchSystem, dcdm
 from deepcd_petsc.model import default_model_path, dirichlet_fraction, load_model
+from test_ksp import DCDM, make_ksp, view_text
 
 
 @pytest.fixture(scope="module")
@@ -86,41 +87,18 @@ def _da_and_laplacian(dim):
 
 
 def _view(dim, opts, tmp_path):
-    import deepcd_petsc
     da, A = _da_and_laplacian(dim)
     prefix = f"kc{dim}{len(opts)}_"
-    o = PETSc.Options()
-    for k, v in opts.items():
-        o[prefix + k] = v
-    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    b, x = A.createVecs()
     try:
-        ksp.setOperators(A)
-        ksp.setOptionsPrefix(prefix)
-        ksp.setType("python")
-        ksp.setPythonContext(deepcd_petsc.DCDM())
-        ksp.setDM(da)
-        from deepcd_petsc.petsc_compat import set_dm_inactive
-        set_dm_inactive(ksp)
-        ksp.setFromOptions()
-        b = A.createVecLeft()
-        b.setRandom()
-        x = b.duplicate()
-        ksp.setTolerances(rtol=1e-6)
-        ksp.solve(b, x)
-        assert ksp.getConvergedReason() > 0
-        path = tmp_path / f"{prefix}view.txt"
-        v = PETSc.Viewer().createASCII(str(path), comm=PETSc.COMM_SELF)
-        ksp.view(v)
-        v.destroy()
-        b.destroy()
-        x.destroy()
-        return path.read_text()
+        with make_ksp(A, prefix, {**DCDM, "ksp_rtol": "1e-6", **opts}, da) as ksp:
+            b.setRandom()
+            ksp.solve(b, x)
+            assert ksp.getConvergedReason() > 0
+            return view_text(ksp, tmp_path)
     finally:
-        ksp.destroy()
-        A.destroy()
-        da.destroy()
-        for k in opts:
-            o.delValue(prefix + k)
+        for o in (b, x, A, da):
+            o.destroy()
 
 
 def test_kcycle_option_and_view(tmp_path):
@@ -135,21 +113,13 @@ def test_kcycle_option_and_view(tmp_path):
 
 
 def test_negative_kcycle_is_one_line():
-    import deepcd_petsc
     da, A = _da_and_laplacian(2)
-    o = PETSc.Options()
-    o["kn_ksp_dcdm_kcycle"] = "-1"
-    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
     try:
-        ksp.setOperators(A)
-        ksp.setOptionsPrefix("kn_")
-        ksp.setType("python")
-        ksp.setPythonContext(deepcd_petsc.DCDM())
         with pytest.raises((SetupError, PETSc.Error)) as e:
-            ksp.setFromOptions()
-        assert error_message(e.value) == "-kn_ksp_dcdm_kcycle must be >= 0 (levels with a K-cycle; 0: V-cycle), got -1"
+            with make_ksp(A, "kn_", {**DCDM, "ksp_dcdm_kcycle": "-1"}, da):
+                pass
+        assert error_message(e.value) == ("-kn_ksp_dcdm_kcycle must be >= 0 (levels with a "
+                                          "K-cycle; 0: V-cycle), got -1")
     finally:
-        o.delValue("kn_ksp_dcdm_kcycle")
-        ksp.destroy()
         A.destroy()
         da.destroy()
