@@ -19,7 +19,7 @@ NETWORK_SOLVERS = {
 ALL_SOLVERS = list(NETWORK_SOLVERS) + list(BASELINES)
 
 
-def solver_options(name, problem, model=None, threads=None, northo=None):
+def solver_options(name, problem, model=None, threads=None, northo=None, kcycle=None):
     if name in NETWORK_SOLVERS:
         opts = dict(NETWORK_SOLVERS[name])
         key = "ksp_dcdm_" if name == "dcdm" else "pc_dcdm_"
@@ -29,6 +29,8 @@ def solver_options(name, problem, model=None, threads=None, northo=None):
             opts[key + "threads"] = str(threads)
         if northo and name == "dcdm":
             opts["ksp_dcdm_northo"] = str(northo)
+        if kcycle is not None:
+            opts[key + "kcycle"] = str(kcycle)
         return opts
     return baseline_options(name, problem)
 
@@ -87,7 +89,7 @@ def unavailable_solvers(solvers, comm=None):
 
 def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
           threads=None, northo=None, log=print, skipped=None, solves=1, change_every=None, dim=3,
-          on_row=None):
+          on_row=None, kcycle=None):
     """List of result rows, one per (scene, size, solver): medians over
     `repeats` of set-up and solve time; the first repeat is a warm-up when
     repeats > 1 (imports, model load, caches). Solvers this PETSc build
@@ -114,7 +116,7 @@ def bench(scenes, sizes, solvers, seed=7, repeats=3, rtol=1e-6, model=None,
             assembly = time.perf_counter() - t0
             geometry = lambda j, scene=scene, shape=shape: Problem.from_scene(scene, shape, seed=seed + j)
             for name in solvers:
-                opts = solver_options(name, problem, model, threads, northo)
+                opts = solver_options(name, problem, model, threads, northo, kcycle)
                 opts["ksp_rtol"] = str(rtol)
                 opts["ksp_max_it"] = "20000"
                 prefix = "bench_" + name.replace("+", "_").replace("-", "_") + "_"

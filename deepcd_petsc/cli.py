@@ -138,6 +138,8 @@ def build_parser():
     bp.add_argument("--model", help="checkpoint (default: the shipped model)")
     bp.add_argument("--threads", type=int, help="torch threads per rank")
     bp.add_argument("--northo", type=int, help="DCDM's A-orthogonalised directions")
+    bp.add_argument("--kcycle", type=int, help="finest levels with a K-cycle for dcdm and the network "
+                                                "PCs (default: 1 in 2D, 0 in 3D)")
     bp.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, PNGs")
     from .simulate import add_parser as add_simulate
     add_simulate(sub)
@@ -451,6 +453,8 @@ def cmd_bench(a, petsc_args):
     bad = [s for s in solvers if s not in ALL_SOLVERS]
     if bad or not solvers:
         raise UserError(f"unknown solver(s) {bad}; choose from {', '.join(ALL_SOLVERS)}")
+    if a.kcycle is not None and a.kcycle < 0:
+        raise UserError(f"--kcycle must be >= 0 (0: the V-cycle), got {a.kcycle}")
     _check_solves(a.solves, a.change_every)
     if a.model:
         from .model import ModelFileError, read_checkpoint
@@ -483,7 +487,7 @@ def cmd_bench(a, petsc_args):
               a.rtol, a.model, a.threads, a.northo,
               log=(lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None),
               skipped=skipped, solves=a.solves, change_every=a.change_every, dim=a.dim,
-              on_row=keep)
+              on_row=keep, kcycle=a.kcycle)
     except BaseException as e:      # an interrupt inside DCDM comes as a PETSc.Error
         from .errors import original_error
         if not isinstance(original_error(e), KeyboardInterrupt):

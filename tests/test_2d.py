@@ -244,6 +244,26 @@ def test_cli_bench_dim2(tmp_path):
     assert "32^2 dcdm" in r.stdout and "CONVERGED_RTOL" in r.stdout, r.stdout
 
 
+def test_cli_bench_kcycle(tmp_path):
+    """bench --kcycle reaches DCDM and the network PC (the V-cycle takes
+    more iterations on this 2D liquid scene), and a negative one is a
+    one-line error."""
+    import json
+    from helpers import run_cli
+    from test_evaluate_cli import assert_one_line_error
+    its = {}
+    for k in ("0", "1"):
+        out = tmp_path / k
+        r = run_cli(["bench", "--dim", "2", "--sizes", "256", "--scenes", "liquid", "--seed", "3",
+                     "--solvers", "dcdm,fcg+net", "--repeats", "1", "--kcycle", k, "--out", out])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rows = json.loads((out / "bench.json").read_text())["results"]
+        its[k] = {row["solver"]: row["iterations"] for row in rows}
+    for solver in ("dcdm", "fcg+net"):
+        assert its["1"][solver] < its["0"][solver], its
+    assert_one_line_error(run_cli(["bench", "--kcycle", "-1"]), "--kcycle")
+
+
 def test_capped_hierarchy_solves_its_bottom_exactly():
     """A coefficient hierarchy stopped above DENSE_CELLS by the level cap
     (4096² in 2D bottoms out at 64²; here -ksp_dcdm_levels 2 at 128²)
