@@ -123,3 +123,28 @@ def test_negative_kcycle_is_one_line():
     finally:
         A.destroy()
         da.destroy()
+
+
+@pytest.mark.parametrize("case", ["nan", "negative"])
+def test_kcycle_bad_input_stops_with_a_reason(case):
+    """A NaN in b, or a negative definite operator, on a 2D grid (the
+    K-cycle's sums then are NaN or of the wrong sign): a DIVERGED reason in
+    few iterations, not a hang or a false convergence."""
+    da, A = _da_and_laplacian(2)
+    b, x = A.createVecs()
+    try:
+        b.setRandom()
+        if case == "nan":
+            b.setValue(5, float("nan"))
+            b.assemble()
+        else:
+            A.scale(-1.0)
+        with make_ksp(A, "kb_", {**DCDM, "ksp_max_it": "100"}, da) as ksp:
+            ksp.solve(b, x)
+            reason, its = ksp.getConvergedReason(), ksp.getIterationNumber()
+        assert reason < 0 and its < 100, (reason, its)
+        if case == "nan":
+            assert reason == PETSc.KSP.ConvergedReason.DIVERGED_NANORINF
+    finally:
+        for o in (b, x, A, da):
+            o.destroy()
