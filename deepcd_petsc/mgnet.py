@@ -184,8 +184,11 @@ ADAPTIVE = 2.0
 def default_kcycle(dim):
     """Finest levels with a K-cycle when none is asked for: on 2D grids
     the finest level's halves the iterations for ~1.4x the network's work;
-    on 3D ones it saved ~10-30% for ~1.2-1.5x (README, "K-cycle")."""
+    on 3D ones it saves fewer (none on density) for ~1.2-1.5x, beyond 3
+    MatMults an application (README, "K-cycle")."""
     return 1 if dim == 2 else 0
+
+
 # semi-coarsening: an axis is coarsened when its coupling strength is at
 # least this fraction of the strongest coarsenable axis' (hypre PFMG
 # coarsens only the strongest; keeping the near-strongest too keeps
@@ -1001,8 +1004,8 @@ class MGNet(nn.Module):
         combination of both that minimises the coarse error's energy (two
         steps of flexible CG on level l+1). Aggregation's piecewise-constant
         prolongation loses accuracy on the smoothest modes at every level of
-        a V-cycle; the two steps win it back (2D liquid 512²: 12 -> 6
-        iterations; README, "K-cycle"). Per field of a batch; global sums on
+        a V-cycle; the two steps win it back (2D liquid 2048²: 13-14 -> 7-8
+        DCDM iterations; README, "K-cycle"). Per field of a batch; global sums on
         several ranks; w: the fixed over-correction on top."""
         flat = kern is not None      # the fused kernels' (D, H, W) fields
         f = geo["levels"][l]["factors"]
