@@ -419,8 +419,7 @@ def cmd_evaluate(a, petsc_args):
     sizes = _ints(a.sizes, "--sizes")
     if min(sizes) < 4:
         raise UserError("sizes must be >= 4")
-    if a.kcycle is not None and a.kcycle < 0:
-        raise UserError(f"--kcycle must be >= 0 (0: the V-cycle), got {a.kcycle}")
+    _check_kcycle(a.kcycle)
     from .mgnet import MGNet
     _flags_only_check(not isinstance(net, MGNet), _scenes(a.scenes))
 
@@ -435,6 +434,11 @@ def cmd_evaluate(a, petsc_args):
     if a.json:
         print(json.dumps(rows))
     return 0
+
+
+def _check_kcycle(k):
+    if k is not None and k < 0:
+        raise UserError(f"--kcycle must be >= 0 (0: the V-cycle), got {k}")
 
 
 def _check_solves(solves, change_every):
@@ -453,8 +457,7 @@ def cmd_bench(a, petsc_args):
     bad = [s for s in solvers if s not in ALL_SOLVERS]
     if bad or not solvers:
         raise UserError(f"unknown solver(s) {bad}; choose from {', '.join(ALL_SOLVERS)}")
-    if a.kcycle is not None and a.kcycle < 0:
-        raise UserError(f"--kcycle must be >= 0 (0: the V-cycle), got {a.kcycle}")
+    _check_kcycle(a.kcycle)
     _check_solves(a.solves, a.change_every)
     if a.model:
         from .model import ModelFileError, read_checkpoint

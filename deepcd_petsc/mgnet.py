@@ -1019,11 +1019,9 @@ class MGNet(nn.Module):
             e1, cb = e1[None, None].clone(), cb[None, None]
         halo = self._level_halo(geo, whole)
         dims = tuple(range(1, e1.dim()))
-        multi = geo["halo"] is not None and not whole
 
         def sums(*pairs):
-            t = torch.stack([(a * b).sum(dims).double() for a, b in pairs])
-            return geo["halo"].allreduce(t) if multi else t
+            return self._allsum(geo, whole, torch.stack([(a * b).sum(dims).double() for a, b in pairs]))
 
         t1 = self._apply_A(lc, e1, halo)
         rho1, a1 = sums((e1, t1), (e1, cb))
@@ -1054,11 +1052,9 @@ class MGNet(nn.Module):
         xp = fz["xp"]
         inner = xp[1:-1, 1:-1, 1:-1]
         h = self._level_halo(geo, whole)
-        multi = geo["halo"] is not None and not whole
 
         def red(*v):
-            t = torch.tensor(v, dtype=torch.float64)
-            return geo["halo"].allreduce(t).tolist() if multi else t.tolist()
+            return self._allsum(geo, whole, torch.tensor(v, dtype=torch.float64)).tolist()
 
         if h is not None:
             h.fill(xp, 1)
@@ -1110,14 +1106,18 @@ class MGNet(nn.Module):
             dims = tuple(range(1, e.dim()))
             num = math.prod(f) * (e * cb).sum(dims)
             den = galerkin_factor(f) * (e * ae).sum(dims)
-        if geo["halo"] is not None and not whole:
-            both = geo["halo"].allreduce(torch.stack([num, den]))
-            num, den = both[0], both[1]
+        num, den = self._allsum(geo, whole, torch.stack([num, den]))
         pos = den > 0
         # where, not clamp: 1e-300 is 0 in float32, and 0/0 poisons gradients
         w = torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
         w = w * geo.get("adaptive", ADAPTIVE)
-        return float(w) if flat else w.view(-1, *([1] * (e.dim() - 1)))
+        return float(w) if flat else _bc(w, e)
+
+    @staticmethod
+    def _allsum(geo, whole, t):
+        """t summed over the ranks where a level runs as blocks (not where
+        each rank computes the whole level)."""
+        return geo["halo"].allreduce(t) if geo["halo"] is not None and not whole else t
 
     def forward(self, r, geo, reuse=False):
         """r: (N, 1, D, H, W) residual (any scale); geo from prepare().

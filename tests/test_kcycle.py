@@ -2,7 +2,6 @@
 fused C passes equal the torch arithmetic, it saves iterations where the
 V-cycle's aggregation loses the smoothest modes, and -ksp_dcdm_kcycle and
 -ksp_view say which cycle runs (1 level on 2D grids, none on 3D ones)."""
-import numpy as np
 import pytest
 import torch
 from petsc4py import PETSc
@@ -10,6 +9,7 @@ from petsc4py import PETSc
 from deepcd_petsc.errors import SetupError, error_message
 from deepcd_petsc.evaluate import TorchSystem, dcdm
 from deepcd_petsc.model import default_model_path, dirichlet_fraction, load_model
+from test_2d import _laplacian, _laplacian3
 from test_ksp import DCDM, make_ksp, view_text
 
 
@@ -67,23 +67,10 @@ def test_kcycle_saves_iterations_on_2d_liquid(nets):
 
 
 def _da_and_laplacian(dim):
+    """A small DMDA and its unit 5- or 7-point operator (test_2d's)."""
     sizes = (24, 20) if dim == 2 else (12, 10, 8)
     da = PETSc.DMDA().create(dim=dim, sizes=sizes, dof=1, stencil_width=1, comm=PETSc.COMM_SELF)
-    A = da.createMat()
-    ranges = da.getRanges()
-    row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
-    for idx in np.ndindex(*[e - s for s, e in ranges]):
-        row.index = col.index = idx
-        A.setValueStencil(row, col, 2.0 * dim)
-        for ax in range(dim):
-            for step in (-1, 1):
-                nb = list(idx)
-                nb[ax] += step
-                if 0 <= nb[ax] < sizes[ax]:
-                    col.index = tuple(nb)
-                    A.setValueStencil(row, col, -1.0)
-    A.assemble()
-    return da, A
+    return da, (_laplacian(da) if dim == 2 else _laplacian3(da))
 
 
 def _view(dim, opts, tmp_path):
