@@ -136,6 +136,7 @@ class NetworkContext:
             t1 = time.perf_counter()
             self._free_rows()
             flags, dirichlet = self._geometry(da, A)
+            self.operator_ready(da)
             t2 = time.perf_counter()
             if rebuild:
                 if self._same_geometry(before, A):
@@ -155,6 +156,10 @@ class NetworkContext:
         self.setup_s = {"model": t1 - tg, "geometry": (tg - t0) + (t2 - t1),
                         "evaluator": time.perf_counter() - t2}
         self.op_state = state
+
+    def operator_ready(self, da):
+        """Called once A's stencil (self.stencil, None on the flags path) is
+        read, before the network takes it: DCDM's island deflation."""
 
     def kcycle(self):
         """Levels, from the finest, whose coarse correction is a K-cycle
@@ -495,28 +500,9 @@ def _scaled_digest(st, chunk=1 << 18):
 
 def _ghosted(da, flags, open_faces=()):
     """This rank's flags with one ghost layer from the neighbours (SOLID
-    beyond the grid, AIR beyond `open_faces`); on one process padded in
-    NumPy (wrapped on periodic axes) instead of a DMDA ghost exchange."""
-    if da.getComm().getSize() == 1:
-        from .stencil import periodic_axes
-        per = periodic_axes(da)
-        p = np.asarray(flags, dtype=np.int8)
-        if any(per):
-            p = np.pad(p, [(1, 1) if q else (0, 0) for q in per], mode="wrap")
-        p = np.pad(p, [(0, 0) if q else (1, 1) for q in per], constant_values=SOLID)
-        return _open(da, p, open_faces)
-    g = da.createGlobalVec()
-    with g as arr:
-        arr[...] = np.asarray(flags, dtype=float).ravel()
-    loc = da.createLocalVec()
-    da.globalToLocal(g, loc)
-    (gxs, gys, gzs), (gxm, gym, gzm) = da.getGhostCorners()
-    (xs, ys, zs), (xm, ym, zm) = da.getCorners()
-    p = np.pad(loc.getArray(readonly=True).reshape(gzm, gym, gxm), 1, constant_values=SOLID)
-    g.destroy()
-    loc.destroy()
-    oz, oy, ox = zs - gzs, ys - gys, xs - gxs
-    p = np.rint(p[oz:oz + zm + 2, oy:oy + ym + 2, ox:ox + xm + 2]).astype(np.int8)
+    beyond the grid, AIR beyond `open_faces`)."""
+    from .stencil import ghost_layer
+    p = np.rint(ghost_layer(da, flags, SOLID)).astype(np.int8)
     return _open(da, p, open_faces)
 
 

@@ -17,7 +17,7 @@ import time
 import torch
 from petsc4py import PETSc
 
-from . import kernels
+from . import islands, kernels
 from .context import NetworkContext
 from .errors import SetupError, reported
 from .evaluate import DEFAULT_NORTHO
@@ -27,6 +27,10 @@ from .workspace import VecView, Workspace
 
 STAGNATION_WINDOW = 3
 MAX_CHECK_GAP = 32
+# A-orthogonalised directions where islands are deflated (unless
+# -ksp_dcdm_northo says): density 64³ seeds 1–6, deflated, m = 2 → 4:
+# 28 24 25 18 26 30 → 20 23 22 15 24 24 iterations (GAMG 20 24 27 18 26 33)
+ISLAND_NORTHO = 4
 
 
 class DCDM(NetworkContext):
@@ -35,6 +39,11 @@ class DCDM(NetworkContext):
     def __init__(self):
         super().__init__()
         self.northo = DEFAULT_NORTHO
+        self.northo_given = None    # -ksp_dcdm_northo; None: by the operator (_choose_northo)
+        self.deflate = True         # -ksp_dcdm_deflate: island deflation (islands.py)
+        self.islands = None         # islands.Islands of the operator (None: no contrast)
+        self.deflation = None       # islands.Deflation while islands are deflated
+        self.islands_note = "none"  # -ksp_view's line where there are none
         # ‖r‖ > this × ‖r‖ of STAGNATION_WINDOW iterations before counts as
         # stagnation: like CG's, DCDM's ‖r‖ need not fall every step (its
         # error's A-norm does), and a one-step test fired on good solves
@@ -58,10 +67,16 @@ class DCDM(NetworkContext):
     @reported
     def setFromOptions(self, ksp):
         opts = self.read_options(ksp)
-        m = opts.getInt("northo", self.northo)
-        if m < 0:
-            raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
-        self.northo = m
+        if opts.hasName("northo"):
+            m = opts.getInt("northo")
+            if m < 0:
+                raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
+            self.northo_given = m
+        deflate = opts.getBool("deflate", self.deflate)
+        if deflate != self.deflate:
+            self.reset_network()       # the islands are found with the network's set-up
+        self.deflate = deflate
+        self._choose_northo()
         self.stagnation = opts.getReal("stagnation", self.stagnation)
         sw = opts.getInt("switch", self.switch)
         if sw < 0:
@@ -73,6 +88,24 @@ class DCDM(NetworkContext):
         A, _ = ksp.getOperators()
         self.setup_network(ksp, A)
         self._workspace(A.getSizes()[0], A.getBlockSize(), A.getComm())
+
+    def operator_ready(self, da):
+        self.islands = self.deflation = None
+        self.islands_note = ("none (the unit operator of the flags)" if self.stencil is None
+                             else f"none (no coefficient jump of {islands.CONTRAST:g}× "
+                                  "between neighbouring cells)")
+        if self.deflate and self.stencil is not None:
+            from .stencil import Stencil
+            st = Stencil.from_packed(self.stencil, self.periodic)
+            self.islands = islands.find(da, st)
+            if self.islands is not None and self.islands.count:
+                defl = islands.Deflation(da, st, self.islands)
+                self.deflation = defl if defl.spd else None
+        self._choose_northo()
+
+    def _choose_northo(self):
+        self.northo = (self.northo_given if self.northo_given is not None
+                       else ISLAND_NORTHO if self.deflation is not None else DEFAULT_NORTHO)
 
     def _workspace(self, sizes, bsize, comm):
         """r, D⁻¹ and m+1 (d, Ad) pairs, allocated at set-up (as PETSc's
@@ -99,6 +132,7 @@ class DCDM(NetworkContext):
                            f"safeguard: where ‖r‖ > {self.stagnation} × ‖r‖ {STAGNATION_WINDOW} "
                            f"iterations before, the Jacobi direction D⁻¹r replaces the network's "
                            f"when it lowers the error's energy more\n")
+        viewer.printfASCII(f"  island deflation: {self._islands_text()}\n")
         viewer.printfASCII(f"  fallback directions: {self.fallbacks} in the last solve "
                            f"({self.checks} check(s)), {self.total_fallbacks} in all\n")
         sw = (f"after {self.switch} fallbacks in a solve, if Jacobi won half the checks"
@@ -120,6 +154,24 @@ class DCDM(NetworkContext):
                                f"(x/r update with ‖r‖, Python/PETSc glue): "
                                f"{rest / its * 1e3:.2f} ms = {100 * rest / t['total']:.1f}%\n")
         self.view_network(viewer)
+
+    def _islands_text(self):
+        isl, m = self.islands, "" if self.northo_given is not None else f"; m = {ISLAND_NORTHO}"
+        if not self.deflate:
+            return "off (-ksp_dcdm_deflate 0)"
+        if isl is None:
+            return self.islands_note
+        if isl.labels is None:
+            return f"none ({isl.found} candidate regions, more than {islands.MAX_CANDIDATES})"
+        if not isl.count:
+            return (f"none (coefficient jumps, but no region {islands.CONTRAST:g}× more strongly "
+                    "coupled inside than across its boundary)")
+        if self.deflation is None:
+            return f"{isl.count} island(s) found, not deflated: ZᵀAZ is not positive definite"
+        more = f" (the largest {isl.count} of {isl.found})" if isl.found > isl.count else ""
+        return (f"{isl.count} island(s){more}, {isl.cells} cells, coupled "
+                f"≥ {islands.CONTRAST:g}× more strongly inside than across their boundary: "
+                f"one coarse vector each (x₀ = Z E⁻¹ Zᵀ b, directions A-orthogonal to Z){m}")
 
     # -- the iteration ----------------------------------------------------
     @reported
@@ -162,6 +214,7 @@ class DCDM(NetworkContext):
         else:
             x.set(0.0)
             b.copy(r)
+        self._deflate_start(A, nullsp, b, x, r, rt)
         # m+1 (d, Ad) slots rotate: the newest direction is kept by reference
         free = [(ws.vecs[i], ws.rows[i], ws.vecs[i + 1], ws.rows[i + 1])
                 for i in range(2, ws.count, 2)]
@@ -257,6 +310,7 @@ class DCDM(NetworkContext):
                             xt.zero_()
                             x.stateIncrease()
                             b.copy(r)
+                            self._deflate_start(A, nullsp, b, x, r, rt, xt)
                             rn = ws.norm(rt)
                             continue
                 if dAd != dAd or dr != dr or abs(dAd) == float("inf"):
@@ -283,6 +337,23 @@ class DCDM(NetworkContext):
                 if not self._report(ksp, its, rn):
                     return
 
+    def _deflate_start(self, A, nullsp, b, x, r, rt, xt=None):
+        """x += Z E⁻¹ Zᵀ r, r = b − Ax: the islands' part of the solution
+        (then Zᵀr = 0, which the directions keep)."""
+        if self.deflation is None:
+            return
+        y = self.deflation.coarse(rt)
+        if xt is None:
+            with VecView(x) as view:
+                self.deflation.add(view, y)
+        else:
+            self.deflation.add(xt, y)
+            x.stateIncrease()
+        if nullsp is not None:
+            nullsp.remove(x)
+        A.mult(x, r)
+        r.aypx(-1.0, b)
+
     def _jacobi(self, A, ws):
         """D⁻¹ of the current operator (1 where it has no usable diagonal)."""
         if self.minv is None:
@@ -302,6 +373,11 @@ class DCDM(NetworkContext):
         """Project d out of the null space, A-orthogonalise it against the
         previous directions (updating Ad without another MatMult), and
         return (dᵀr, dᵀAd)."""
+        t = time.perf_counter()
+        if self.deflation is not None:
+            self.deflation.project(dt)
+        t0 = time.perf_counter()
+        self.timing["orthogonalise"] += t0 - t
         d.stateIncrease()              # torch wrote it: no cached norms
         if nullsp is not None:
             nullsp.remove(d)

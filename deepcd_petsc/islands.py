@@ -1,0 +1,214 @@
+"""Deflation of high-coefficient islands: one coarse vector per island.
+
+Why: where a region's couplings are much stronger inside than across its
+boundary (a bubble of the light phase, k = 1/ρ larger by 10³), the region's
+indicator is a near-null vector of A, one per island. The network's
+coarse levels aggregate fixed 2×2×2 blocks whatever the coefficients, so
+they mix an island with its surroundings and leave these modes in the
+error: density 64³ took 31–38 iterations where GAMG, whose aggregates
+follow strong couplings, takes 18–33. Removing them by deflation (Tang &
+Vuik's level-set deflation for bubbly flow; Saad's deflated CG) needs no
+learning and is exact for the vectors deflated:
+
+    x₀ = Z E⁻¹ Zᵀ b,   d ← d − Z E⁻¹ (AZ)ᵀ d for every direction,
+
+with Z the islands' indicators and E = ZᵀAZ (k × k, k islands). Then
+Zᵀr = 0 stays (A-orthogonal directions keep it), and the form is
+scale-free in d, so the network's output scale does not matter.
+
+An island is a connected set of strong couplings (c ≥ THETA × the larger
+of its two cells' largest couplings) with couplings along every axis of the
+grid inside it, whose mean inner coupling is CONTRAST times its mean
+coupling across its boundary (Dirichlet parts included) or more, and which
+holds at most half the active cells. The contrast test keeps out the
+families whose strong couplings form lines or planes without being
+decoupled (anisotropic and stretched cells) and smooth fields (log-normal
+permeability): they get no deflation.
+
+(AZ) is sparse: an island's rows and its one-cell rim. Everything is read
+off the rows of the stencil on this rank's block plus one ghost layer, so
+any DMDA split gives the same islands, E and directions.
+"""
+import numpy as np
+import torch
+
+from .stencil import FACES, _shift, ghost_layer
+
+THETA = 0.25
+CONTRAST = 10.0
+MAX_ISLANDS = 512          # largest first; E is dense k × k
+MAX_CANDIDATES = 1 << 16   # regions touching a contrast interface, before the tests
+
+
+class Islands:
+    """This rank's part of the islands: `labels` (D, H, W), island index or −1."""
+
+    def __init__(self, labels, count, found, cells):
+        self.labels, self.count, self.found, self.cells = labels, count, found, cells
+
+
+def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
+    """Islands of the stencil `st` (this rank's block of the DMDA `da`), or
+    None where no neighbouring cells differ by `contrast` in their largest
+    coupling (the common case: one reduction, no graph). Collective."""
+    from mpi4py import MPI
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    comm = da.getComm().tompi4py()
+    coef, diag = st.coef, st.diag
+    shape = diag.shape
+    grid_axes = tuple(n > 1 for n in da.getSizes()[::-1])          # (z, y, x) axes the grid has
+    smax = coef.max(0)
+    nb_smax = [_shift(ghost_layer(da, smax, 0.0), axis, step) for axis, step in FACES]
+    jump = np.zeros(shape, bool)
+    for f in range(6):
+        jump |= (coef[f] > 0) & (nb_smax[f] > 0) & (smax >= contrast * nb_smax[f])
+    if not comm.allreduce(bool(jump.any()), op=MPI.LOR):
+        return None
+    strong = [(coef[f] > 0) & (coef[f] >= theta * np.maximum(smax, nb_smax[f])) for f in range(6)]
+    active = (coef > 0).any(0)
+
+    # components inside the block, then joined over the blocks' faces
+    n = diag.size
+    idx = np.arange(n).reshape(shape)
+    rows, cols = [], []
+    for f, (axis, step) in enumerate(FACES):
+        inner = [slice(None)] * 3
+        inner[axis] = slice(1, None) if step < 0 else slice(0, -1)
+        inner = tuple(inner)
+        m = strong[f][inner]
+        rows.append(idx[inner][m])
+        cols.append(np.roll(idx, -step, axis)[inner][m])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    ncomp, lab = connected_components(coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(n, n)),
+                                      directed=False)
+    # active cells only: number the local components of active cells
+    used = np.zeros(ncomp, bool)
+    used[lab[active.ravel()]] = True
+    renum = np.full(ncomp, -1, np.int64)
+    renum[used] = np.arange(int(used.sum()))
+    lab = renum[lab].reshape(shape)
+    nloc = int(used.sum())
+    offset = comm.exscan(nloc) or 0
+    total = comm.allreduce(nloc)
+    gid = np.where(lab >= 0, lab + offset, -1)
+    nb_gid = [_shift(ghost_layer(da, gid.astype(np.float64), -1.0), a, s).astype(np.int64)
+              for a, s in FACES]
+    pairs = [np.stack([gid[strong[f] & (nb_gid[f] >= 0) & (nb_gid[f] != gid)],
+                       nb_gid[f][strong[f] & (nb_gid[f] >= 0) & (nb_gid[f] != gid)]])
+             for f in range(6)]
+    pairs = np.concatenate(pairs, 1)
+    if pairs.shape[1]:
+        pairs = np.unique(pairs, axis=1)
+    allp = np.concatenate(comm.allgather(pairs), 1)
+    _, root = connected_components(coo_matrix((np.ones(allp.shape[1], np.int8), (allp[0], allp[1])),
+                                              shape=(total, total)), directed=False)
+    region = np.where(gid >= 0, root[np.maximum(gid, 0)], -1)
+    nb_region = [np.where(g >= 0, root[np.maximum(g, 0)], -1) for g in nb_gid]
+
+    # candidates: regions with a cell across a contrast jump from a neighbour
+    cand = np.unique(region[jump & (region >= 0)])
+    cand = np.unique(np.concatenate(comm.allgather(cand)))
+    if cand.size > MAX_CANDIDATES:
+        return Islands(None, 0, int(cand.size), 0)
+    if cand.size == 0:
+        return Islands(np.full(shape, -1, np.int64), 0, 0, 0)
+    pos = np.minimum(np.searchsorted(cand, np.maximum(region, 0)), cand.size - 1)
+    member = (region >= 0) & (cand[pos] == region)
+    k0 = cand.size
+    # per candidate: cells, inner coupling sum and count, rim (couplings
+    # out and Dirichlet parts) sum and count, inner couplings along z, y, x
+    stats = np.zeros((8, k0))
+    stats[0] = np.bincount(pos[member], minlength=k0)
+    excess = np.maximum(diag - coef.sum(0), 0.0)
+    dmask = member & (excess > 1e-12 * smax)
+    stats[3] += np.bincount(pos[dmask], excess[dmask], minlength=k0)
+    stats[4] += np.bincount(pos[dmask], minlength=k0)
+    for f, (axis, _) in enumerate(FACES):
+        has = member & (coef[f] > 0)
+        same = has & (nb_region[f] == region)
+        out = has & (nb_region[f] != region)
+        stats[1] += np.bincount(pos[same], coef[f][same], minlength=k0)
+        stats[2] += np.bincount(pos[same], minlength=k0)
+        stats[5 + axis] += np.bincount(pos[same], minlength=k0)
+        stats[3] += np.bincount(pos[out], coef[f][out], minlength=k0)
+        stats[4] += np.bincount(pos[out], minlength=k0)
+    comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
+    cells, isum, icnt, osum, ocnt = stats[:5]
+    nactive = comm.allreduce(int(active.sum()))
+    ok = (ocnt > 0) & (icnt > 0) & (cells <= 0.5 * nactive)
+    for a in range(3):
+        if grid_axes[a]:
+            ok &= stats[5 + a] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok &= isum / np.maximum(icnt, 1) >= contrast * osum / np.maximum(ocnt, 1)
+    chosen = np.flatnonzero(ok)
+    found = int(chosen.size)
+    chosen = chosen[np.argsort(-cells[chosen], kind="stable")][:limit]
+    index = np.full(k0, -1, np.int64)
+    index[chosen] = np.arange(chosen.size)
+    labels = np.where(member, index[pos], -1).reshape(shape)
+    return Islands(labels, int(chosen.size), found, int(cells[chosen].sum()))
+
+
+class Deflation:
+    """Z E⁻¹ Zᵀ and the projection d − Z E⁻¹ (AZ)ᵀ d on this rank's rows
+    (float64 torch, in the DMDA block's order, as the Vecs' memory)."""
+
+    def __init__(self, da, st, islands):
+        comm = da.getComm().tompi4py()
+        self.mpi = comm if comm.Get_size() > 1 else None
+        k = self.count = islands.count
+        lab = islands.labels
+        flat = lab.ravel()
+        nb = [_shift(ghost_layer(da, lab.astype(np.float64), -1.0), a, s).astype(np.int64).ravel()
+              for a, s in FACES]
+        coef = st.coef.reshape(6, -1)
+        cell = np.flatnonzero(flat >= 0)
+        own = st.diag.ravel()[cell].copy()
+        for f in range(6):
+            own -= np.where(nb[f][cell] == flat[cell], coef[f][cell], 0.0)
+        rows, cols, vals = [cell], [flat[cell]], [own]
+        for f in range(6):
+            rim = np.flatnonzero((nb[f] >= 0) & (nb[f] != flat) & (coef[f] != 0))
+            rows.append(rim)
+            cols.append(nb[f][rim])
+            vals.append(-coef[f][rim])
+        rows, cols, vals = (np.concatenate(v) for v in (rows, cols, vals))
+        e = np.zeros((k, k))
+        inside = flat[rows] >= 0
+        np.add.at(e, (flat[rows][inside], cols[inside]), vals[inside])
+        if self.mpi is not None:
+            from mpi4py import MPI
+            self.mpi.Allreduce(MPI.IN_PLACE, e, op=MPI.SUM)
+        e = 0.5 * (e + e.T)
+        self.factor, info = torch.linalg.cholesky_ex(torch.as_tensor(e))
+        self.spd = int(info) == 0
+        self.cells = torch.as_tensor(cell)
+        self.label = torch.as_tensor(flat[cell])
+        self.rows, self.cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        self.vals = torch.as_tensor(vals)
+        self.nnz = int(rows.size)
+
+    def _solve(self, w):
+        if self.mpi is not None:
+            from mpi4py import MPI
+            buf = w.numpy()
+            self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return torch.cholesky_solve(w[:, None], self.factor)[:, 0]
+
+    def coarse(self, r):
+        """E⁻¹ Zᵀ r (global)."""
+        w = torch.zeros(self.count, dtype=torch.float64)
+        w.index_add_(0, self.label, r[self.cells])
+        return self._solve(w)
+
+    def add(self, x, y):
+        """x += Z y."""
+        x.index_add_(0, self.cells, y[self.label])
+
+    def project(self, d):
+        """d −= Z E⁻¹ (AZ)ᵀ d: A-orthogonal to every island's indicator."""
+        w = torch.zeros(self.count, dtype=torch.float64)
+        w.index_add_(0, self.cols, self.vals * d[self.rows])
+        self.add(d, -self._solve(w))
