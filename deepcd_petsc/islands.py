@@ -73,12 +73,14 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     idx = np.arange(n).reshape(shape)
     rows, cols = [], []
     for f, (axis, step) in enumerate(FACES):
+        if step < 0:
+            continue       # each face once: strong from either of its rows
         inner = [slice(None)] * 3
-        inner[axis] = slice(1, None) if step < 0 else slice(0, -1)
+        inner[axis] = slice(0, -1)
         inner = tuple(inner)
-        m = strong[f][inner]
+        m = strong[f][inner] | np.roll(strong[f - 1], -1, axis)[inner]
         rows.append(idx[inner][m])
-        cols.append(np.roll(idx, -step, axis)[inner][m])
+        cols.append(np.roll(idx, -1, axis)[inner][m])
     r, c = np.concatenate(rows), np.concatenate(cols)
     ncomp, lab = connected_components(coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(n, n)),
                                       directed=False)

@@ -1,0 +1,164 @@
+"""Island deflation (islands.py): which regions are islands, E = ZᵀAZ and
+the projection against the assembled matrix, on 1–3 ranks, and what it
+does to DCDM's iterations."""
+import json
+
+import numpy as np
+import pytest
+from petsc4py import PETSc
+from scipy import ndimage
+
+from deepcd_petsc import islands
+from deepcd_petsc.coefficients import Coefficients, family
+from deepcd_petsc.problem import Problem
+from deepcd_petsc.scenes import remove_isolated_fluid
+from deepcd_petsc.stencil import from_coefficients
+from helpers import REPO, run_mpi
+from test_ksp import DCDM, make_ksp, solve, view_text
+
+CHECK = REPO / "tests" / "mpi" / "check_islands.py"
+
+
+def _serial_da(shape_zyx, periodic=(False, False, False)):
+    bt = [PETSc.DM.BoundaryType.PERIODIC if p else PETSc.DM.BoundaryType.NONE
+          for p in periodic[::-1]]
+    return PETSc.DMDA().create(dim=3, sizes=shape_zyx[::-1], dof=1, stencil_width=1,
+                               boundary_type=bt, comm=PETSc.COMM_SELF)
+
+
+def _stencil(flags, faces, coef):
+    flags = remove_isolated_fluid(flags, faces, coef.periodic)
+    return from_coefficients(flags, faces, coef)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 5])
+def test_density_islands_are_the_bubbles(seed):
+    """Each island is one connected bubble of the light phase, and every
+    bubble clear of the walls and the Dirichlet top is one."""
+    shape = (40, 40, 40)
+    flags, faces, coef = family("density", shape, seed)
+    st = _stencil(flags, faces, coef)
+    da = _serial_da(shape)
+    try:
+        isl = islands.find(da, st)
+    finally:
+        da.destroy()
+    assert isl is not None and isl.count >= 1
+    comps, ncomp = ndimage.label(coef.k > 1.0)
+    found = []
+    for i in range(isl.count):
+        cells = isl.labels == i
+        ids = np.unique(comps[cells])
+        assert ids.size == 1 and ids[0] > 0, ids            # inside one bubble …
+        assert np.array_equal(cells, comps == ids[0])      # … and all of it
+        found.append(int(ids[0]))
+    for c in range(1, ncomp + 1):
+        m = comps == c
+        zz, yy, xx = np.nonzero(m)
+        clear = (zz.min() > 0 and zz.max() < shape[0] - 1 and yy.min() > 0 and
+                 yy.max() < shape[1] - 1 and xx.min() > 0 and xx.max() < shape[2] - 1)
+        if clear and m.sum() >= 27:
+            assert c in found, (c, int(m.sum()))
+
+
+@pytest.mark.parametrize("scene", ["perm", "aniso", "stretch", "periodic"])
+def test_no_islands_in_the_other_families(scene):
+    """No islands: no jump of CONTRAST between neighbours (no graph is
+    built), or, in a log-normal field on a coarse grid, jumps without a
+    region decoupled by them."""
+    shape = (24, 24, 24)
+    flags, faces, coef = family(scene, shape, 3)
+    st = _stencil(flags, faces, coef)
+    da = _serial_da(shape, coef.periodic)
+    try:
+        isl = islands.find(da, st)
+    finally:
+        da.destroy()
+    assert isl is None or isl.count == 0
+    if scene != "perm":
+        assert isl is None
+
+
+@pytest.mark.parametrize("what", ["rod", "touching_top"])
+def test_strong_regions_that_are_not_islands(what):
+    """A strongly coupled rod (couplings along one axis only) is not an
+    island: the network's semi-coarsening has such lines; a region pinned
+    by the Dirichlet top is not a near-null vector. A ball beside them is."""
+    shape = (20, 20, 20)
+    flags, faces, _ = family("aniso", shape, 1)
+    k = np.ones(shape)
+    if what == "rod":
+        k[10, 10, 2:18] = 1e3
+    else:
+        k[12:, 5:12, 5:12] = 1e3      # reaches z = nz − 1, the open top
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ball = (z - 5) ** 2 + (y - 14) ** 2 + (x - 14) ** 2 <= 9
+    k[ball] = 1e3
+    coef = Coefficients(k, np.ones(20), np.ones(20), np.ones(20), (False, False, False))
+    st = _stencil(flags, faces, coef)
+    da = _serial_da(shape)
+    try:
+        isl = islands.find(da, st)
+    finally:
+        da.destroy()
+    assert isl.count == 1 and np.array_equal(isl.labels == 0, ball)
+
+
+@pytest.mark.mpi
+def test_deflation_matches_the_matrix_on_ranks():
+    """On an operator assembled by the test (ellipsoids, periodic x with a
+    bubble across the wrap): the three bubbles, E = ZᵀAZ equal to MatMults
+    with the indicator Vecs, projected directions A-orthogonal to every
+    indicator, and the same islands, E and iterations on 1, 2 and 3 ranks."""
+    out = {}
+    for n in (1, 2, 3):
+        r = run_mpi(n, [CHECK], timeout=240)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    for n, o in out.items():
+        assert o["count"] == 3 and sorted(o["sizes"]) == o["expected_sizes"], o
+        assert o["E_error"] < 1e-12 and o["projection"] < 1e-12, o
+        assert o["reason"] > 0 and o["true_residual"] <= 1e-6, o
+        assert o["iterations"] == out[1]["iterations"], (n, o["iterations"], out[1]["iterations"])
+        assert o["first"] == out[1]["first"]
+        assert np.allclose(o["E"], out[1]["E"], rtol=1e-12, atol=0)
+
+
+def test_ksp_deflates_density(tmp_path):
+    """Fewer iterations than without (and than the same m without), m = 4
+    unless given, and what -ksp_view says in each case."""
+    p = Problem.from_scene("density", (32, 32, 32), seed=1)
+    runs = {}
+    try:
+        for name, extra in (("on", {}), ("off", {"ksp_dcdm_deflate": "0"}),
+                            ("off4", {"ksp_dcdm_deflate": "0", "ksp_dcdm_northo": "4"}),
+                            ("m2", {"ksp_dcdm_northo": "2"})):
+            with make_ksp(p.A, f"isl{name}_", {**DCDM, "ksp_rtol": 1e-6, "ksp_dcdm_threads": 1,
+                                               **extra}, da=p.da) as ksp:
+                reason, its, res, x = solve(ksp, p)
+                runs[name] = (reason, its, res, view_text(ksp, tmp_path, f"{name}.txt"))
+            x.destroy()
+    finally:
+        p.destroy()
+    for reason, its, res, _ in runs.values():
+        assert reason == "CONVERGED_RTOL" and res <= 1e-6
+    on, off, off4, m2 = (runs[k] for k in ("on", "off", "off4", "m2"))
+    assert on[1] < off[1] and on[1] < off4[1] and m2[1] < off[1], {k: v[1] for k, v in runs.items()}
+    assert "island deflation: 3 island(s)" in on[3] and "m = 4" in on[3], on[3]
+    assert "DCDM: 4 A-orthogonalised" in on[3]
+    assert "DCDM: 2 A-orthogonalised" in m2[3] and "m = 4" not in m2[3]
+    assert "island deflation: off (-ksp_dcdm_deflate 0)" in off[3] and "DCDM: 2 A-" in off[3]
+
+
+def test_ksp_view_without_islands(tmp_path):
+    p = Problem.from_scene("aniso", (16, 16, 16), seed=1)
+    try:
+        with make_ksp(p.A, "islp_", {**DCDM, "ksp_rtol": 1e-6}, da=p.da) as ksp:
+            reason, _, _, x = solve(ksp, p)
+            text = view_text(ksp, tmp_path)
+        x.destroy()
+    finally:
+        p.destroy()
+    assert reason == "CONVERGED_RTOL"
+    assert "island deflation: none (no coefficient jump of 10×" in text, text
+    assert "DCDM: 2 A-orthogonalised" in text
