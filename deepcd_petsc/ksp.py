@@ -31,6 +31,8 @@ MAX_CHECK_GAP = 32
 # -ksp_dcdm_northo says): density 64³ seeds 1–6, deflated, m = 2 → 4:
 # 28 24 25 18 26 30 → 20 23 22 15 24 24 iterations (GAMG 20 24 27 18 26 33)
 ISLAND_NORTHO = 4
+# cells per side of the boxes deflated beside islands (islands.with_boxes)
+DEFLATE_BOX = 16
 
 
 class DCDM(NetworkContext):
@@ -41,6 +43,8 @@ class DCDM(NetworkContext):
         self.northo = DEFAULT_NORTHO
         self.northo_given = None    # -ksp_dcdm_northo; None: by the operator (_choose_northo)
         self.deflate = True         # -ksp_dcdm_deflate: island deflation (islands.py)
+        self.deflate_box = DEFLATE_BOX  # -ksp_dcdm_deflate_box: boxes beside the islands (0: none)
+        self.box_used = 0           # their size (larger on large grids: islands.MAX_BOXES)
         self.islands = None         # islands.Islands of the operator (None: no contrast)
         self.deflation = None       # islands.Deflation while islands are deflated
         self.islands_note = "none"  # -ksp_view's line where there are none
@@ -73,9 +77,13 @@ class DCDM(NetworkContext):
                 raise SetupError(f"-{self.option_prefix(ksp)}northo must be >= 0, got {m}")
             self.northo_given = m
         deflate = opts.getBool("deflate", self.deflate)
-        if deflate != self.deflate:
+        box = opts.getInt("deflate_box", self.deflate_box)
+        if box < 0:
+            raise SetupError(f"-{self.option_prefix(ksp)}deflate_box must be >= 0 "
+                             f"(cells per box side; 0: islands only), got {box}")
+        if (deflate, box) != (self.deflate, self.deflate_box):
             self.reset_network()       # the islands are found with the network's set-up
-        self.deflate = deflate
+        self.deflate, self.deflate_box = deflate, box
         self._choose_northo()
         self.stagnation = opts.getReal("stagnation", self.stagnation)
         sw = opts.getInt("switch", self.switch)
@@ -99,7 +107,12 @@ class DCDM(NetworkContext):
             st = Stencil.from_packed(self.stencil, self.periodic)
             self.islands = islands.find(da, st)
             if self.islands is not None and self.islands.count:
-                defl = islands.Deflation(da, st, self.islands)
+                labels, count = self.islands.labels, self.islands.count
+                self.box_used = 0
+                if self.deflate_box:
+                    labels, count, self.box_used = islands.with_boxes(
+                        da, self.islands, st.active(), self.deflate_box)
+                defl = islands.Deflation(da, st, labels, count)
                 self.deflation = defl if defl.spd else None
         self._choose_northo()
 
@@ -169,9 +182,13 @@ class DCDM(NetworkContext):
         if self.deflation is None:
             return f"{isl.count} island(s) found, not deflated: ZᵀAZ is not positive definite"
         more = f" (the largest {isl.count} of {isl.found})" if isl.found > isl.count else ""
+        boxes = self.deflation.count - isl.count
+        box = (f" and {boxes} box(es) of {self.box_used}³ cells for the rest"
+               if boxes else "")
         return (f"{isl.count} island(s){more}, {isl.cells} cells, coupled "
                 f"≥ {islands.CONTRAST:g}× more strongly inside than across their boundary: "
-                f"one coarse vector each (x₀ = Z E⁻¹ Zᵀ b, directions A-orthogonal to Z){m}")
+                f"one coarse vector each{box} (x₀ = Z E⁺ Zᵀ b, directions A-orthogonal to Z; "
+                f"{self.deflation.nnz} nonzeros of AZ){m}")
 
     # -- the iteration ----------------------------------------------------
     @reported

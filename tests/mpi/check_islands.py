@@ -60,7 +60,7 @@ def main():
     local = (ze - zs, ye - ys, xe - xs)
     st = from_aij(da, A, local)
     isl = islands.find(da, st)
-    defl = islands.Deflation(da, st, isl)
+    defl = islands.Deflation(da, st, isl.labels, isl.count)
     n = isl.count
     # natural index of every local cell: the islands in a split-independent order
     kz, jy, ix = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe), indexing="ij")
@@ -83,7 +83,7 @@ def main():
         A.mult(v, w)
         Z.append(v)
         AZ.append(w)
-    E = (defl.factor @ defl.factor.T).numpy()
+    E = defl.energy().numpy()
     err = max((abs(E[i, j] - Z[i].dot(AZ[j])) for i in range(n) for j in range(n)), default=0.0)
     err /= max(abs(E).max(), 1e-300)
     d = da.createGlobalVec()
