@@ -226,16 +226,22 @@ class Deflation:
         self.spd = k > 0 and float(lam.min()) >= -1e-10 * top
         inv = torch.where(lam > 1e-12 * top, 1.0 / lam, torch.zeros_like(lam))
         self.einv = (vec * inv) @ vec.T
-        self.cells = torch.as_tensor(cell)
-        self.label = torch.as_tensor(flat[cell])
-        self.rows, self.cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        # int32 indices: 4 bytes per cell for Z, 16 per nonzero of AZ
+        self.label = torch.as_tensor(flat.astype(np.int32))
+        self.rows = torch.as_tensor(rows.astype(np.int32))
+        self.cols = torch.as_tensor(cols.astype(np.int32))
         self.vals = torch.as_tensor(vals)
         self.nnz = int(rows.size)
         self.lib = kernels.load()
-        self.azt = None
+        self.azt = self.cells = None
         if self.lib is None:       # torch: (AZ)ᵀ as a CSR matrix, one pass
-            self.azt = torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), self.vals,
-                                               (k, flat.size)).coalesce().to_sparse_csr()
+            import warnings
+            with warnings.catch_warnings():   # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self.azt = torch.sparse_coo_tensor(
+                    torch.as_tensor(np.stack([cols, rows])), self.vals,
+                    (k, flat.size)).coalesce().to_sparse_csr()
+            self.cells = torch.as_tensor(cell)
 
     def energy(self):
         """E = ZᵀAZ (from E⁺; for tests and -ksp_view)."""
@@ -250,17 +256,18 @@ class Deflation:
 
     def coarse(self, r):
         """E⁺ Zᵀ r (global)."""
+        cells = torch.nonzero(self.label >= 0)[:, 0]
         w = torch.zeros(self.count, dtype=torch.float64)
-        w.index_add_(0, self.label, r[self.cells])
+        w.index_add_(0, self.label[cells].long(), r[cells])
         return self._solve(w)
 
     def add(self, x, y, scale=1.0):
         """x += scale Z y."""
         if self.lib is not None:
-            self.lib.deepcd_defl_scatter(self.cells.numel(), self.cells.data_ptr(),
-                                         self.label.data_ptr(), y.data_ptr(), scale, x.data_ptr())
+            self.lib.deepcd_defl_scatter(self.label.numel(), self.label.data_ptr(),
+                                         y.data_ptr(), scale, x.data_ptr())
         else:
-            x.index_add_(0, self.cells, y[self.label], alpha=scale)
+            x.index_add_(0, self.cells, y[self.label[self.cells].long()], alpha=scale)
 
     def project(self, d):
         """d −= Z E⁺ (AZ)ᵀ d: A-orthogonal to every vector of Z."""

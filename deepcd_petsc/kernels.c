@@ -1027,15 +1027,15 @@ void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, co
 /* Island deflation (islands.py). (AZ)^T d: w[cols[i]] += vals[i] d[rows[i]]
  * over the nonzeros of AZ, rows ascending (w has one entry per vector:
  * small, in cache; one thread). */
-void deepcd_defl_gather(long n, const long *rows, const long *cols, const double *vals,
+void deepcd_defl_gather(long n, const int *rows, const int *cols, const double *vals,
                         const double *d, double *w)
 {
     for (long i = 0; i < n; i++) w[cols[i]] += vals[i] * d[rows[i]];
 }
 
-/* d[cells[i]] += s y[label[i]]: d += s Z y. */
-void deepcd_defl_scatter(long n, const long *cells, const long *label, const double *y, double s,
-                         double *d)
+/* d += s Z y: d[i] += s y[label[i]] where label[i] >= 0. */
+void deepcd_defl_scatter(long n, const int *label, const double *y, double s, double *d)
 {
-    for (long i = 0; i < n; i++) d[cells[i]] += s * y[label[i]];
+    for (long i = 0; i < n; i++)
+        if (label[i] >= 0) d[i] += s * y[label[i]];
 }
