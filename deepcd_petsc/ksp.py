@@ -134,10 +134,10 @@ class DCDM(NetworkContext):
     def reset(self, ksp):
         self.reset_network()
         self._free_workspace()
+        self.islands = self.deflation = None
 
     def destroy(self, ksp):
-        self.reset_network()
-        self._free_workspace()
+        self.reset(ksp)
 
     @reported
     def view(self, ksp, viewer):
