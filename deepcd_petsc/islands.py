@@ -62,9 +62,14 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     grid_axes = tuple(n > 1 for n in da.getSizes()[::-1])          # (z, y, x) axes the grid has
     smax = coef.max(0)
     nb_smax = [_shift(ghost_layer(da, smax, 0.0), axis, step) for axis, step in FACES]
+    # a coefficient jump (a cell's couplings `contrast` times its
+    # neighbour's), or a coupling `contrast` times weaker than both its
+    # cells' strongest (the layers of graded or anisotropic cells)
     jump = np.zeros(shape, bool)
     for f in range(6):
-        jump |= (coef[f] > 0) & (nb_smax[f] > 0) & (smax >= contrast * nb_smax[f])
+        c = coef[f] > 0
+        jump |= c & (nb_smax[f] > 0) & (smax >= contrast * nb_smax[f])
+        jump |= c & (contrast * coef[f] <= np.minimum(smax, nb_smax[f]))
     if not comm.allreduce(bool(jump.any()), op=MPI.LOR):
         return None
     strong = [(coef[f] > 0) & (coef[f] >= theta * np.maximum(smax, nb_smax[f])) for f in range(6)]
@@ -122,7 +127,7 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     k0 = cand.size
     # per candidate: cells, inner coupling sum and count, rim (couplings
     # out and Dirichlet parts) sum and count, inner couplings along z, y, x
-    stats = np.zeros((8, k0))
+    stats = np.zeros((9, k0))
     stats[0] = np.bincount(pos[member], minlength=k0)
     excess = np.maximum(diag - coef.sum(0), 0.0)
     dmask = member & (excess > 1e-12 * smax)
@@ -137,13 +142,19 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
         stats[5 + axis] += np.bincount(pos[same], minlength=k0)
         stats[3] += np.bincount(pos[out], coef[f][out], minlength=k0)
         stats[4] += np.bincount(pos[out], minlength=k0)
+        # rows that are not symmetric (PETSc's tutorials keep Dirichlet rows
+        # as identity): deflation needs (AZ)ᵀd = ZᵀAd, so such regions are not
+        # deflated (with them ex45 129×129×17 stalled)
+        back = _shift(ghost_layer(da, coef[f ^ 1], 0.0), axis, FACES[f][1])
+        odd = member & (np.abs(coef[f] - back) > 1e-10 * smax)
+        stats[8] += np.bincount(pos[odd], minlength=k0)
     comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
     cells, isum, icnt, osum, ocnt = stats[:5]
     nactive = comm.allreduce(int(active.sum()))
     ok = (ocnt > 0) & (icnt > 0) & (cells <= 0.5 * nactive)
-    for a in range(3):
-        if grid_axes[a]:
-            ok &= stats[5 + a] > 0
+    ok &= stats[8] == 0
+    # couplings inside along two axes or more: a ball or a layer, not a line
+    ok &= sum((stats[5 + a] > 0) for a in range(3) if grid_axes[a]) >= min(2, sum(grid_axes))
     with np.errstate(divide="ignore", invalid="ignore"):
         ok &= isum / np.maximum(icnt, 1) >= contrast * osum / np.maximum(ocnt, 1)
     chosen = np.flatnonzero(ok)

@@ -100,8 +100,8 @@ class DCDM(NetworkContext):
     def operator_ready(self, da):
         self.islands = self.deflation = None
         self.islands_note = ("none (the unit operator of the flags)" if self.stencil is None
-                             else f"none (no coefficient jump of {islands.CONTRAST:g}× "
-                                  "between neighbouring cells)")
+                             else f"none (no coefficient jump or anisotropy of "
+                                  f"{islands.CONTRAST:g}× between neighbouring cells)")
         if self.deflate and self.stencil is not None:
             from .stencil import Stencil
             st = Stencil.from_packed(self.stencil, self.periodic)
@@ -177,8 +177,8 @@ class DCDM(NetworkContext):
         if isl.labels is None:
             return f"none ({isl.found} candidate regions, more than {islands.MAX_CANDIDATES})"
         if not isl.count:
-            return (f"none (coefficient jumps, but no region {islands.CONTRAST:g}× more strongly "
-                    "coupled inside than across its boundary)")
+            return (f"none (no region coupled {islands.CONTRAST:g}× more strongly inside than "
+                    "across its boundary, along two axes or more, with symmetric rows)")
         if self.deflation is None:
             return f"{isl.count} island(s) found, not deflated: ZᵀAZ is not positive definite"
         more = f" (the largest {isl.count} of {isl.found})" if isl.found > isl.count else ""
