@@ -45,8 +45,9 @@ MAX_BOXES = 512            # boxes beside the islands: their size doubles until 
 class Islands:
     """This rank's part of the islands: `labels` (D, H, W), island index or −1."""
 
-    def __init__(self, labels, count, found, cells):
+    def __init__(self, labels, count, found, cells, solid=0):
         self.labels, self.count, self.found, self.cells = labels, count, found, cells
+        self.solid = solid      # of them, coupled inside along every axis (not layers)
 
 
 def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
@@ -154,7 +155,8 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     ok = (ocnt > 0) & (icnt > 0) & (cells <= 0.5 * nactive)
     ok &= stats[8] == 0
     # couplings inside along two axes or more: a ball or a layer, not a line
-    ok &= sum((stats[5 + a] > 0) for a in range(3) if grid_axes[a]) >= min(2, sum(grid_axes))
+    axes = sum((stats[5 + a] > 0) for a in range(3) if grid_axes[a])
+    ok &= axes >= min(2, sum(grid_axes))
     with np.errstate(divide="ignore", invalid="ignore"):
         ok &= isum / np.maximum(icnt, 1) >= contrast * osum / np.maximum(ocnt, 1)
     chosen = np.flatnonzero(ok)
@@ -163,7 +165,8 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     index = np.full(k0, -1, np.int64)
     index[chosen] = np.arange(chosen.size)
     labels = np.where(member, index[pos], -1).reshape(shape)
-    return Islands(labels, int(chosen.size), found, int(cells[chosen].sum()))
+    return Islands(labels, int(chosen.size), found, int(cells[chosen].sum()),
+                   int((axes[chosen] == sum(grid_axes)).sum()))
 
 
 def with_boxes(da, isl, active, size):
@@ -208,24 +211,34 @@ class Deflation:
               for a, s in FACES]
         coef = st.coef.reshape(6, -1)
         diag = st.diag.ravel()
-        cell = np.flatnonzero(flat >= 0)
-        own = diag[cell].copy()
+        # (AZ)ᵀd per cell p: a face to a cell of another vector m adds
+        # −c d_p to w[m] and +c d_p to w[l(p)] ("cross": p, m, c); the rest
+        # of p's row, v = diag − Σ couplings to labelled cells (the Dirichlet
+        # part, faces to unlabelled cells), adds v d_p to w[l(p)] ("own").
+        # Inside a vector both vanish: a layer's cells hold two cross
+        # entries, a box's inner cells none
+        rows, cols, vals = [], [], []
+        own = diag.copy()
         for f in range(6):
-            own -= np.where(nb[f][cell] == flat[cell], coef[f][cell], 0.0)
-        rows, cols, vals = [cell], [flat[cell]], [own]
-        for f in range(6):
-            rim = np.flatnonzero((nb[f] >= 0) & (nb[f] != flat) & (coef[f] != 0))
-            rows.append(rim)
-            cols.append(nb[f][rim])
-            vals.append(-coef[f][rim])
+            lab_nb, c = nb[f], coef[f]
+            own -= np.where(lab_nb >= 0, c, 0.0)
+            x = np.flatnonzero((lab_nb >= 0) & (lab_nb != flat) & (c != 0))
+            rows.append(x)
+            cols.append(lab_nb[x])
+            vals.append(c[x])
         rows, cols, vals = (np.concatenate(v) for v in (rows, cols, vals))
-        # a box's inner rows sum to zero: (AZ) is its rim and the islands'
-        keep = np.abs(vals) > 1e-12 * np.abs(diag[rows])
-        order = np.argsort(rows[keep], kind="stable")     # d read in order
-        rows, cols, vals = rows[keep][order], cols[keep][order], vals[keep][order]
-        inside = flat[rows] >= 0
-        e = np.bincount(flat[rows][inside] * k + cols[inside], vals[inside],
-                        minlength=k * k).reshape(k, k)
+        order = np.argsort(rows, kind="stable")       # d read in order
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        orows = np.flatnonzero((flat >= 0) & (np.abs(own) > 1e-12 * np.abs(diag)))
+        ovals = own[orows]
+        # E = ZᵀAZ from the same entries
+        lr, lo = flat[rows], flat[orows]
+        mine = lr >= 0
+        e = np.zeros(k * k)      # (bincount of nothing is an int array)
+        e -= np.bincount(lr[mine] * k + cols[mine], vals[mine], minlength=k * k)
+        e += np.bincount(lr[mine] * (k + 1), vals[mine], minlength=k * k)
+        e += np.bincount(lo * (k + 1), ovals, minlength=k * k)
+        e = e.reshape(k, k)
         if self.mpi is not None:
             from mpi4py import MPI
             self.mpi.Allreduce(MPI.IN_PLACE, e, op=MPI.SUM)
@@ -237,22 +250,27 @@ class Deflation:
         self.spd = k > 0 and float(lam.min()) >= -1e-10 * top
         inv = torch.where(lam > 1e-12 * top, 1.0 / lam, torch.zeros_like(lam))
         self.einv = (vec * inv) @ vec.T
-        # int32 indices: 4 bytes per cell for Z, 16 per nonzero of AZ
+        # int32 indices: 4 bytes per cell for Z, 16 per cross and 12 per own entry
         self.label = torch.as_tensor(flat.astype(np.int32))
         self.rows = torch.as_tensor(rows.astype(np.int32))
         self.cols = torch.as_tensor(cols.astype(np.int32))
         self.vals = torch.as_tensor(vals)
-        self.nnz = int(rows.size)
+        self.orows = torch.as_tensor(orows.astype(np.int32))
+        self.ovals = torch.as_tensor(ovals)
+        self.nnz = int(rows.size + orows.size)
         self.lib = kernels.load()
         self.azt = self.cells = None
         if self.lib is None:       # torch: (AZ)ᵀ as a CSR matrix, one pass
             import warnings
+            r = np.concatenate([rows, rows[mine], orows])
+            c = np.concatenate([cols, lr[mine], lo])
+            v = np.concatenate([-vals, vals[mine], ovals])
             with warnings.catch_warnings():   # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 self.azt = torch.sparse_coo_tensor(
-                    torch.as_tensor(np.stack([cols, rows])), self.vals,
+                    torch.as_tensor(np.stack([c, r])), torch.as_tensor(v),
                     (k, flat.size)).coalesce().to_sparse_csr()
-            self.cells = torch.as_tensor(cell)
+            self.cells = torch.as_tensor(np.flatnonzero(flat >= 0))
 
     def energy(self):
         """E = ZᵀAZ (from E⁺; for tests and -ksp_view)."""
@@ -284,8 +302,11 @@ class Deflation:
         """d −= Z E⁺ (AZ)ᵀ d: A-orthogonal to every vector of Z."""
         if self.lib is not None:
             w = torch.zeros(self.count, dtype=torch.float64)
-            self.lib.deepcd_defl_gather(self.nnz, self.rows.data_ptr(), self.cols.data_ptr(),
-                                        self.vals.data_ptr(), d.data_ptr(), w.data_ptr())
+            self.lib.deepcd_defl_gather(self.rows.numel(), self.rows.data_ptr(),
+                                        self.cols.data_ptr(), self.vals.data_ptr(),
+                                        self.label.data_ptr(), self.orows.numel(),
+                                        self.orows.data_ptr(), self.ovals.data_ptr(),
+                                        d.data_ptr(), w.data_ptr())
         else:
             w = torch.mv(self.azt, d)
         self.add(d, self._solve(w).contiguous(), -1.0)

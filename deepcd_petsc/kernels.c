@@ -1024,13 +1024,20 @@ void deepcd_mgc_energy(int D, int H, int W, const float *xp, const float *cb, co
     ZC_DISPATCH(mgc_energy, D, H, W, xp, cb, diag, coef, out, nt);
 }
 
-/* Island deflation (islands.py). (AZ)^T d: w[cols[i]] += vals[i] d[rows[i]]
- * over the nonzeros of AZ, rows ascending (w has one entry per vector:
- * small, in cache; one thread). */
+/* Island deflation (islands.py): w = (AZ)^T d from its cross entries (a
+ * face from cell p to vector m: w[m] -= c d_p, w[label p] += c d_p) and
+ * own entries (w[label p] += v d_p); rows ascending, one thread (w is small). */
 void deepcd_defl_gather(long n, const int *rows, const int *cols, const double *vals,
+                        const int *label, long n2, const int *rows2, const double *vals2,
                         const double *d, double *w)
 {
-    for (long i = 0; i < n; i++) w[cols[i]] += vals[i] * d[rows[i]];
+    for (long i = 0; i < n; i++) {
+        int p = rows[i], l = label[p];
+        double t = vals[i] * d[p];
+        w[cols[i]] -= t;
+        if (l >= 0) w[l] += t;
+    }
+    for (long i = 0; i < n2; i++) w[label[rows2[i]]] += vals2[i] * d[rows2[i]];
 }
 
 /* d += s Z y: d[i] += s y[label[i]] where label[i] >= 0. */

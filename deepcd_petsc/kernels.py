@@ -97,7 +97,7 @@ MG_SIGNATURES = {
     "deepcd_couplings": [_int, _int, _int, _v, _v, _v, _v, _pd, _int, _int],
     "deepcd_axis_strengths": [_long, _v, _pd, _int],
     # island deflation (islands.Deflation)
-    "deepcd_defl_gather": [_long, _v, _v, _v, _v, _v],
+    "deepcd_defl_gather": [_long, _v, _v, _v, _v, _long, _v, _v, _v, _v],
     "deepcd_defl_scatter": [_long, _v, _v, _d, _v],
 }
 # reading an assembled operator's rows (stencil.read_aij); returns a count

@@ -27,9 +27,11 @@ from .workspace import VecView, Workspace
 
 STAGNATION_WINDOW = 3
 MAX_CHECK_GAP = 32
-# A-orthogonalised directions where islands are deflated (unless
-# -ksp_dcdm_northo says): density 64³ seeds 1–6, deflated, m = 2 → 4:
-# 28 24 25 18 26 30 → 20 23 22 15 24 24 iterations (GAMG 20 24 27 18 26 33)
+# A-orthogonalised directions where islands coupled along every axis (not
+# layers) are deflated, unless -ksp_dcdm_northo says: density 64³ seed 9,
+# islands and boxes, m = 2, 3, 4: 25, 24, 20 iterations (GAMG 23); the
+# graded family's layers gain 0-1 iteration from it (stretch 64³ seeds 1-4,
+# 128³ seed 3), not worth 32 bytes per unknown
 ISLAND_NORTHO = 4
 # cells per side of the boxes deflated beside islands (islands.with_boxes)
 DEFLATE_BOX = 16
@@ -117,8 +119,9 @@ class DCDM(NetworkContext):
         self._choose_northo()
 
     def _choose_northo(self):
+        solid = self.deflation is not None and self.islands.solid > 0
         self.northo = (self.northo_given if self.northo_given is not None
-                       else ISLAND_NORTHO if self.deflation is not None else DEFAULT_NORTHO)
+                       else ISLAND_NORTHO if solid else DEFAULT_NORTHO)
 
     def _workspace(self, sizes, bsize, comm):
         """r, D⁻¹ and m+1 (d, Ad) pairs, allocated at set-up (as PETSc's
@@ -169,7 +172,9 @@ class DCDM(NetworkContext):
         self.view_network(viewer)
 
     def _islands_text(self):
-        isl, m = self.islands, "" if self.northo_given is not None else f"; m = {ISLAND_NORTHO}"
+        isl = self.islands
+        m = (f"; m = {ISLAND_NORTHO}" if self.northo_given is None and isl is not None
+             and isl.solid else "")
         if not self.deflate:
             return "off (-ksp_dcdm_deflate 0)"
         if isl is None:
