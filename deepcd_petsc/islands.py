@@ -71,9 +71,13 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
         c = coef[f] > 0
         jump |= c & (nb_smax[f] > 0) & (smax >= contrast * nb_smax[f])
         jump |= c & (contrast * coef[f] <= np.minimum(smax, nb_smax[f]))
+    strong = [(coef[f] > 0) & (coef[f] >= theta * np.maximum(smax, nb_smax[f])) for f in range(6)]
+    # an island's cells beside the jump are strongly coupled along two axes
+    # or more (a line is not an island): aniso's z-lines stop here
+    along = sum((strong[2 * a] | strong[2 * a + 1]).astype(np.int8) for a in range(3))
+    jump &= along >= min(2, sum(grid_axes))
     if not comm.allreduce(bool(jump.any()), op=MPI.LOR):
         return None
-    strong = [(coef[f] > 0) & (coef[f] >= theta * np.maximum(smax, nb_smax[f])) for f in range(6)]
     active = (coef > 0).any(0)
 
     # components inside the block, then joined over the blocks' faces

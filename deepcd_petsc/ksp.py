@@ -102,8 +102,8 @@ class DCDM(NetworkContext):
     def operator_ready(self, da):
         self.islands = self.deflation = None
         self.islands_note = ("none (the unit operator of the flags)" if self.stencil is None
-                             else f"none (no coefficient jump or anisotropy of "
-                                  f"{islands.CONTRAST:g}× between neighbouring cells)")
+                             else f"none (no cell coupled strongly along two axes beside a "
+                                  f"{islands.CONTRAST:g}× coefficient jump or anisotropy)")
         if self.deflate and self.stencil is not None:
             from .stencil import Stencil
             st = Stencil.from_packed(self.stencil, self.periodic)
@@ -116,6 +116,7 @@ class DCDM(NetworkContext):
                         da, self.islands, st.active(), self.deflate_box)
                 defl = islands.Deflation(da, st, labels, count)
                 self.deflation = defl if defl.spd else None
+                self.islands.labels = None      # (8 bytes a cell) the deflation has its own
         self._choose_northo()
 
     def _choose_northo(self):
@@ -179,7 +180,7 @@ class DCDM(NetworkContext):
             return "off (-ksp_dcdm_deflate 0)"
         if isl is None:
             return self.islands_note
-        if isl.labels is None:
+        if not isl.count and isl.found > islands.MAX_CANDIDATES:
             return f"none ({isl.found} candidate regions, more than {islands.MAX_CANDIDATES})"
         if not isl.count:
             return (f"none (no region coupled {islands.CONTRAST:g}× more strongly inside than "
