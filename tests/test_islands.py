@@ -26,9 +26,15 @@ def _serial_da(shape_zyx, periodic=(False, False, False)):
                                boundary_type=bt, comm=PETSc.COMM_SELF)
 
 
-def _stencil(flags, faces, coef):
+def _islands(flags, faces, coef):
+    """(stencil, islands.find's answer) of a whole grid on one process."""
     flags = remove_isolated_fluid(flags, faces, coef.periodic)
-    return from_coefficients(flags, faces, coef)
+    st = from_coefficients(flags, faces, coef)
+    da = _serial_da(flags.shape, coef.periodic)
+    try:
+        return st, islands.find(da, st)
+    finally:
+        da.destroy()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 5])
@@ -37,12 +43,7 @@ def test_density_islands_are_the_bubbles(seed):
     bubble clear of the walls and the Dirichlet top is one."""
     shape = (40, 40, 40)
     flags, faces, coef = family("density", shape, seed)
-    st = _stencil(flags, faces, coef)
-    da = _serial_da(shape)
-    try:
-        isl = islands.find(da, st)
-    finally:
-        da.destroy()
+    _, isl = _islands(flags, faces, coef)
     assert isl is not None and isl.count >= 1
     comps, ncomp = ndimage.label(coef.k > 1.0)
     found = []
@@ -69,12 +70,7 @@ def test_no_islands_in_the_other_families(scene):
     (aniso's z-lines, which the network's semi-coarsening serves)."""
     shape = (24, 24, 24)
     flags, faces, coef = family(scene, shape, 3)
-    st = _stencil(flags, faces, coef)
-    da = _serial_da(shape, coef.periodic)
-    try:
-        isl = islands.find(da, st)
-    finally:
-        da.destroy()
+    _, isl = _islands(flags, faces, coef)
     assert isl is None or isl.count == 0
     if scene != "perm":
         assert isl is None
@@ -86,12 +82,7 @@ def test_stretch_islands_are_the_tall_layers():
     islands, one each and whole; the flat layers below (z-lines) are not."""
     shape = (48, 24, 24)
     flags, faces, coef = family("stretch", shape, 1)
-    st = _stencil(flags, faces, coef)
-    da = _serial_da(shape)
-    try:
-        isl = islands.find(da, st)
-    finally:
-        da.destroy()
+    st, isl = _islands(flags, faces, coef)
     active = st.active()
     hz = coef.h[0]
     assert isl is not None and isl.count >= 5
@@ -121,12 +112,7 @@ def test_strong_regions_that_are_not_islands(what):
     ball = (z - 5) ** 2 + (y - 14) ** 2 + (x - 14) ** 2 <= 9
     k[ball] = 1e3
     coef = Coefficients(k, np.ones(20), np.ones(20), np.ones(20), (False, False, False))
-    st = _stencil(flags, faces, coef)
-    da = _serial_da(shape)
-    try:
-        isl = islands.find(da, st)
-    finally:
-        da.destroy()
+    _, isl = _islands(flags, faces, coef)
     assert isl.count == 1 and np.array_equal(isl.labels == 0, ball)
 
 
