@@ -13,7 +13,7 @@ from deepcd_petsc.coefficients import Coefficients, family
 from deepcd_petsc.problem import Problem
 from deepcd_petsc.scenes import remove_isolated_fluid
 from deepcd_petsc.stencil import from_coefficients
-from helpers import REPO, run_mpi
+from helpers import REPO, run_cli, run_mpi
 from test_ksp import DCDM, make_ksp, solve, view_text
 
 CHECK = REPO / "tests" / "mpi" / "check_islands.py"
@@ -193,3 +193,26 @@ def test_ksp_view_without_islands(tmp_path):
     assert reason == "CONVERGED_RTOL"
     assert "island deflation: none (no cell coupled strongly along two axes" in text, text
     assert "DCDM: 2 A-orthogonalised" in text
+
+
+def test_deflation_with_a_nonzero_initial_guess():
+    """x₀ += Z E⁺ Zᵀ r from the guess's residual: the same solution."""
+    p = Problem.from_scene("density", (32, 32, 32), seed=1)
+    try:
+        x = p.b.duplicate()
+        x.setRandom()
+        with make_ksp(p.A, "isg_", {**DCDM, "ksp_rtol": 1e-8, "ksp_initial_guess_nonzero": "1"},
+                      da=p.da) as ksp:
+            reason, its, res, x = solve(ksp, p, x=x)
+        x.destroy()
+    finally:
+        p.destroy()
+    assert reason == "CONVERGED_RTOL" and res <= 1e-7 and its <= 40, (reason, its, res)
+
+
+def test_deflate_box_option_validated():
+    r = run_cli(["solve", "--scene", "density", "--n", "8", "-ksp_type", "python",
+                 "-ksp_python_type", "deepcd_petsc.DCDM", "-ksp_dcdm_deflate_box", "-2"])
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "deflate_box must be >= 0" in lines[0], r.stderr
