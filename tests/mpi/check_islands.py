@@ -37,7 +37,7 @@ def main():
         inside |= one
     k = np.where(inside, ratio, 1.0)
     (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
-    A = da.createMatrix()
+    A = da.createMat()
     row, col = PETSc.Mat.Stencil(), PETSc.Mat.Stencil()
     for kk in range(zs, ze):
         for jj in range(ys, ye):
