@@ -44,7 +44,7 @@ class NetworkContext:
         self.grid_source = None
         self.op_state = None       # (Mat handle, state) the evaluator was built for
         self.torch_device = None
-        self.derived = None        # (flags, dirichlet, decoupled rows, stencil digest) read off that operator
+        self.derived = None        # digests of (flags, dirichlet, decoupled rows, stencil) read off that operator
         self.stencil = None        # (7, zm, ym, xm) diag + couplings for the network, until it is built
         self.periodic = None       # (z, y, x) periodic axes of that stencil
         self.operator_path = None  # what the network's levels apply (-ksp_view)
@@ -332,7 +332,10 @@ class NetworkContext:
         digest = ""
         if self.stencil is not None:
             digest = _scaled_digest(self.stencil)
-        self.derived = (flags, dirichlet, rows, np.array(digest))
+        # flags, Dirichlet fractions and rows by digest too: kept whole they
+        # held 10 bytes per cell for the KSP's lifetime (256³: 168 MB)
+        self.derived = tuple(np.array(v) for v in (_digest(flags), _digest(dirichlet),
+                                                   _digest(rows), digest))
         return flags, dirichlet
 
     def _flat_stencil(self, block, ghosted):
@@ -476,6 +479,14 @@ class NetworkContext:
                 p(f"  network: {ev.calls} applications, {ev.forward_s / ev.calls * 1e3:.2f} ms each"
                   + (f", halo exchange {ev.halo.seconds / ev.calls * 1e3:.2f} ms each"
                      if ev.halo is not None else "") + "\n")
+
+
+def _digest(a):
+    """blake2b of an array's dtype, shape and bytes (equality of geometries)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(f"{a.dtype}{a.shape}".encode(), digest_size=32)
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _scaled_digest(st, chunk=1 << 18):
