@@ -10,22 +10,22 @@ follow strong couplings, takes 18–33. Removing them by deflation (Tang &
 Vuik's level-set deflation for bubbly flow; Saad's deflated CG) needs no
 learning and is exact for the vectors deflated:
 
-    x₀ = Z E⁻¹ Zᵀ b,   d ← d − Z E⁻¹ (AZ)ᵀ d for every direction,
+    x₀ = Z E⁺ Zᵀ b,   d ← d − Z E⁺ (AZ)ᵀ d for every direction,
 
-with Z the islands' indicators and E = ZᵀAZ (k × k, k islands). Then
+with Z the islands' indicators (and boxes for the rest, with_boxes) and
+E = ZᵀAZ (k × k, k vectors; E⁺ its pseudo-inverse). Then
 Zᵀr = 0 stays (A-orthogonal directions keep it), and the form is
 scale-free in d, so the network's output scale does not matter.
 
 An island is a connected set of strong couplings (c ≥ THETA × the larger
-of its two cells' largest couplings) with couplings along every axis of the
-grid inside it, whose mean inner coupling is CONTRAST times its mean
-coupling across its boundary (Dirichlet parts included) or more, and which
-holds at most half the active cells. The contrast test keeps out the
-families whose strong couplings form lines or planes without being
-decoupled (anisotropic and stretched cells) and smooth fields (log-normal
-permeability): they get no deflation.
+of its two cells' largest couplings) with couplings along two axes of the
+grid or more inside it (a ball or a layer: the tall layers of graded
+cells are islands, anisotropic cells' lines are not), symmetric rows, a
+mean inner coupling CONTRAST times its mean coupling across its boundary
+(Dirichlet parts included) or more, and at most half the active cells.
+Smooth fields (log-normal permeability) have no such region.
 
-(AZ) is sparse: an island's rows and its one-cell rim. Everything is read
+(AZ) is sparse: the vectors' rims and Dirichlet parts. Everything is read
 off the rows of the stencil on this rank's block plus one ghost layer, so
 any DMDA split gives the same islands, E and directions.
 """
@@ -52,8 +52,9 @@ class Islands:
 
 def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     """Islands of the stencil `st` (this rank's block of the DMDA `da`), or
-    None where no neighbouring cells differ by `contrast` in their largest
-    coupling (the common case: one reduction, no graph). Collective."""
+    None where no cell coupled strongly along two axes sits beside a
+    `contrast` jump or anisotropy (the common case: one reduction, no
+    graph). Collective."""
     from mpi4py import MPI
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -108,9 +109,10 @@ def find(da, st, contrast=CONTRAST, theta=THETA, limit=MAX_ISLANDS):
     gid = np.where(lab >= 0, lab + offset, -1)
     nb_gid = [_shift(ghost_layer(da, gid.astype(np.float64), -1.0), a, s).astype(np.int64)
               for a, s in FACES]
-    pairs = [np.stack([gid[strong[f] & (nb_gid[f] >= 0) & (nb_gid[f] != gid)],
-                       nb_gid[f][strong[f] & (nb_gid[f] >= 0) & (nb_gid[f] != gid)]])
-             for f in range(6)]
+    pairs = []
+    for f in range(6):
+        m = strong[f] & (nb_gid[f] >= 0) & (nb_gid[f] != gid)
+        pairs.append(np.stack([gid[m], nb_gid[f][m]]))
     pairs = np.concatenate(pairs, 1)
     if pairs.shape[1]:
         pairs = np.unique(pairs, axis=1)
@@ -202,7 +204,7 @@ def with_boxes(da, isl, active, size):
 
 
 class Deflation:
-    """Z E⁻¹ Zᵀ and the projection d − Z E⁻¹ (AZ)ᵀ d on this rank's rows
+    """Z E⁺ Zᵀ and the projection d − Z E⁺ (AZ)ᵀ d on this rank's rows
     (float64 torch, in the DMDA block's order, as the Vecs' memory); Z has
     one vector per label (`labels`: −1 or 0 … count − 1 per cell)."""
 

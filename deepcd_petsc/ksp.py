@@ -361,7 +361,7 @@ class DCDM(NetworkContext):
                     return
 
     def _deflate_start(self, A, nullsp, b, x, r, rt, xt=None):
-        """x += Z E⁻¹ Zᵀ r, r = b − Ax: the islands' part of the solution
+        """x += Z E⁺ Zᵀ r, r = b − Ax: the islands' part of the solution
         (then Zᵀr = 0, which the directions keep)."""
         if self.deflation is None:
             return
@@ -396,11 +396,10 @@ class DCDM(NetworkContext):
         """Project d out of the null space, A-orthogonalise it against the
         previous directions (updating Ad without another MatMult), and
         return (dᵀr, dᵀAd)."""
-        t = time.perf_counter()
-        if self.deflation is not None:
+        if self.deflation is not None:     # A-orthogonal to the islands too
+            t = time.perf_counter()
             self.deflation.project(dt)
-        t0 = time.perf_counter()
-        self.timing["orthogonalise"] += t0 - t
+            self.timing["orthogonalise"] += time.perf_counter() - t
         d.stateIncrease()              # torch wrote it: no cached norms
         if nullsp is not None:
             nullsp.remove(d)

@@ -233,8 +233,8 @@ def ghost_layer(da, arr, fill):
     wrapped on periodic axes, `fill` beyond the grid; on one process padded
     in NumPy instead of a DMDA ghost exchange."""
     arr = np.asarray(arr, dtype=np.float64)
-    per = periodic_axes(da)
     if da.getComm().getSize() == 1:
+        per = periodic_axes(da)
         p = arr
         if any(per):
             p = np.pad(p, [(1, 1) if q else (0, 0) for q in per], mode="wrap")
