@@ -91,6 +91,10 @@ def build_parser():
     t.add_argument("--cache", help="directory caching the Lanczos data (.npz per geometry)")
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
     t.add_argument("--init", help="start from this model's architecture and weights (fine-tuning)")
+    t.add_argument("--deflate", type=int, default=0, metavar="B",
+                   help="train on what the DCDM KSP asks of the network: deflate the operator "
+                        "families' islands (and B³ boxes beside them, as -ksp_dcdm_deflate_box) "
+                        "in the loss; 0 (default): the plain loss")
     t.add_argument("--arch", default="vcycle", choices=["vcycle", "unet"],
                    help="network: the V-cycle network (default) or the U-Net of the first releases")
     t.add_argument("--channels", help="U-Net only: channels per level, finest first, e.g. 4,8,16,16,16")
@@ -369,6 +373,8 @@ def cmd_train(a, petsc_args):
     sizes2 = _ints(a.n2d, "--n2d") if a.n2d.strip() else []
     if min(sizes + sizes2) < 8:
         raise UserError("training sizes must be >= 8")
+    if a.deflate < 0:
+        raise UserError(f"--deflate must be >= 0 (a box size; 0: the plain loss), got {a.deflate}")
     config = dict(DEFAULT_MG_CONFIG) if a.arch == "vcycle" else dict(DEFAULT_CONFIG)
     if a.channels and a.arch != "unet":
         raise UserError("--channels applies to --arch unet only")
@@ -382,7 +388,7 @@ def cmd_train(a, petsc_args):
                           lanczos=_int_or_list(a.lanczos, "--lanczos"),
                           geometries=_int_or_list(a.geometries, "--geometries"), batch=a.batch,
                           lr=a.lr, device=_device(a.device), cache=a.cache,
-                          resume=a.resume, config=config, init=a.init)
+                          resume=a.resume, config=config, init=a.init, deflate=a.deflate)
     except (ModelFileError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(meta['losses'][-100:]) / len(meta['losses'][-100:]):.4f}")

@@ -43,12 +43,13 @@ def train_seeds(seed, count):
 def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
           time_budget=None, seed=0, lanczos=400, geometries=3, batch=8, lr=1e-3,
           device="cpu", cache=None, resume=False, config=None, log=print,
-          checkpoint_every=60.0, progress=True, stop_at=None, init=None, n2d=()):
+          checkpoint_every=60.0, progress=True, stop_at=None, init=None, n2d=(), deflate=0):
     """Train a network (default: the V-cycle network); writes `out` (checkpoint), returns (model, meta).
     `n`: N³ training grids; `n2d`: N² grids besides (the scenes' 2D
     versions, 5-point operators): one model serves 2D and 3D DMDAs.
     `geometries`/`lanczos`: one count, or one per size (the 3D sizes, then
-    the 2D ones)."""
+    the 2D ones). `deflate`: box size of the KSP's island deflation applied in
+    the loss (training/deflation.py; 0: the plain loss)."""
     torch.manual_seed(seed)
     state = None
     state_path = out + ".state"
@@ -62,6 +63,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         scenes, n, seed = meta0["scenes"], meta0["n"], meta0["seed"]
         n2d = meta0.get("n2d") or ()
         lanczos, geometries, batch, lr = (meta0[k] for k in ("lanczos", "geometries", "batch", "lr"))
+        deflate = meta0.get("deflate", 0)
     if init and not state:
         # fine-tune: architecture and weights from an existing model
         ck0 = read_checkpoint(init)
@@ -93,6 +95,14 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     log(f"training data: {len(geos)} geometries at sizes {sizes} (3D) and {n2d} (2D), "
         f"{lanczos} Lanczos steps each, {t_data:.1f} s")
     ops = [g.op.to(device=device) for g in geos]
+    defl = [None] * len(geos)
+    if deflate:
+        from .deflation import TrainingDeflation
+        defl = [TrainingDeflation.of(g.stencil, deflate) for g in geos]
+        defl = [d if d is None else d.to(device) for d in defl]
+        log(f"island deflation in the loss ({deflate}³ boxes): "
+            + (", ".join(f"{g.name} {d.islands}+{d.count - d.islands}" for g, d in zip(geos, defl)
+                         if d is not None) or "no training operator has islands"))
     gen = torch.Generator().manual_seed(seed)
     step, losses, elapsed0 = 0, [], 0.0
     if state:
@@ -102,7 +112,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         gen.set_state(state["gen"])
         log(f"resuming {out} at step {step}")
     meta = {"scenes": list(scenes), "n": n, "n2d": n2d, "seed": seed, "lanczos": lanczos,
-            "geometries": geometries, "batch": batch, "lr": lr,
+            "geometries": geometries, "batch": batch, "lr": lr, "deflate": deflate,
             "train_seeds": train_seeds(seed, max(per_size)), "device": str(device),
             "torch": torch.__version__, "revision": source_revision(),
             "host": platform.processor() or platform.machine(),
@@ -136,8 +146,12 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         gi = int(np.random.default_rng([seed, step]).integers(len(geos)))  # resumable
         g = geos[gi]
         b = g.sample(batch, gen).to(device)
+        if defl[gi] is not None:
+            b = defl[gi].residual(b, ops[gi])
         geo = model.prepare(g.flags, g.dirichlet, device=device, **g.prepare_kw)
         q = model(b[:, None], geo)[:, 0]
+        if defl[gi] is not None:
+            q = defl[gi].project(q, ops[gi])
         loss = dcdm_loss(b, q, ops[gi])
         opt.zero_grad(set_to_none=True)
         loss.backward()
