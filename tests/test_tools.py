@@ -39,3 +39,19 @@ def test_vector_traffic_times_every_m_hot_and_cold():
     for _, _, *t in rows:
         dots, orth, step, total = map(float, t)
         assert abs(dots + orth + step - total) < 2e-3 and orth > 0 and step > 0
+
+
+def test_make_card_writes_a_table_per_family(tmp_path):
+    card = tmp_path / "card.md"
+    _run(REPO / "tools" / "make_card.py", REPO / "deepcd_petsc" / "models" / "default.pt", card,
+         "deepcd train ...", "--sizes", "16", "--big", "", "--families", "density,perm",
+         "--family-n", "16", "--family-seeds", "1,2", "--family-big", "24")
+    text = card.read_text()
+    assert "## Operator families" in text and "`deepcd train ...`" in text
+    rows = re.findall(r"^\| (density|perm) +\| (\d+)³ +\| (\d) +\| (\d+) +\| (\S+) +\|", text, re.M)
+    assert [(f, g, s) for f, g, s, _, _ in rows] == [
+        ("density", "16", "1"), ("density", "16", "2"), ("density", "24", "1"),
+        ("perm", "16", "1"), ("perm", "16", "2"), ("perm", "24", "1")]
+    for f, g, s, its, gamg in rows:
+        assert 0 < int(its) < 40
+        assert (gamg == "–") == (g == "24")

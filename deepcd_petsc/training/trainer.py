@@ -217,7 +217,10 @@ def write_model_card(path, model_path, meta, rows, command, cost=None):
                                          if meta.get("n2d") else "")) if t) + ", "
              f"{meta['geometries']} geometries per scene and size (seeds {meta['train_seeds']}), "
              f"{meta['lanczos']} Lanczos steps per geometry, low half of the Ritz spectrum weighted x9",
-             f"- Training: {meta['steps']} Adam steps, batch {meta['batch']}, lr {meta['lr']} (cosine to lr/10); "
+             f"- Training: {meta['steps']} Adam steps, batch {meta['batch']}, lr {meta['lr']} (cosine to lr/10)"
+             + (f", fine-tuned from `{os.path.basename(meta['init'])}`" if meta.get("init") else "")
+             + (f", the DCDM KSP's island deflation in the loss ({meta['deflate']}³ boxes)"
+                if meta.get("deflate") else "") + "; "
              f"data {meta['data_s']:.0f} s + training {meta['train_s']:.0f} s on {meta['device']} "
              f"({meta['host']}, {meta['threads']} torch thread(s)), torch {meta['torch']}, source {meta['revision']}",
              f"- Final loss (mean of last 100 steps): {np.mean(meta['losses'][-100:]):.4f}"]
