@@ -280,9 +280,12 @@ class Problem:
         nx, ny, nz = shape_xyz
         shape = (nz, ny, nx)
         if scene in FAMILIES:
-            coef = family(scene, shape, seed, contrast, axes=[[0]] * 3)[2]
+            _, fam_faces, coef = family(scene, shape, seed, contrast, axes=[[0]] * 3)
             coef.k = None       # the block's k lives in its transmissibilities
-            faces, periodic = {"z+"} if open_faces is None else set(open_faces), coef.periodic
+            # the family's open face: z+ in 3D, y+ in 2D (a z+ there would
+            # make every cell of the single layer a Dirichlet cell)
+            faces = set(fam_faces) if open_faces is None else set(open_faces)
+            periodic = coef.periodic
 
             def block(box):
                 from mpi4py import MPI

@@ -43,6 +43,31 @@ def test_torch_operator_equals_petsc_matrix(fam):
         p.destroy()
 
 
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_2d_family_matrix_equals_torch_operator(fam):
+    """The 2D families' open face is y+: the PETSc matrix of `deepcd solve
+    --dim 2` is training's operator (it had z+, a Dirichlet face at every cell)."""
+    ny, nx = 14, 18
+    p = Problem.from_scene(fam, (nx, ny, 1), seed=4, comm=PETSc.COMM_SELF)
+    try:
+        flags, faces, st = scene_operator(fam, (1, ny, nx), 4)
+        assert faces == {"y+"} and p.open_faces == faces
+        x = p.da.createGlobalVec()
+        x.setRandom()
+        y = x.duplicate()
+        p.A.mult(x, y)
+        got = StencilOperator(st)(torch.from_numpy(x.getArray(readonly=True).reshape(1, ny, nx).copy()))
+        want = y.getArray(readonly=True)
+        assert np.abs(got.numpy().ravel() - want).max() <= 1e-12 * np.abs(want).max()
+        # fluid rows away from the top have no Dirichlet part
+        excess = (st.diag - st.coef.sum(0))[0, :-1]
+        assert np.abs(excess[flags[0, :-1] == 0]).max() < 1e-12 * st.diag.max()
+        x.destroy()
+        y.destroy()
+    finally:
+        p.destroy()
+
+
 def test_lanczos_cache_keeps_the_stencil(tmp_path):
     g1 = make_geometry("stretch", (8, 8, 8), 3, 20, str(tmp_path))
     g2 = make_geometry("stretch", (8, 8, 8), 3, 20, str(tmp_path))   # from the cache
