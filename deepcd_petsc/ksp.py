@@ -102,7 +102,7 @@ class DCDM(NetworkContext):
     def operator_ready(self, da):
         self.islands = self.deflation = None
         self.islands_note = ("none (the unit operator of the flags)" if self.stencil is None
-                             else f"none (no cell coupled strongly along two axes beside a "
+                             else f"none (no cell coupled strongly along two axes (2D: one) beside a "
                                   f"{islands.CONTRAST:g}× coefficient jump or anisotropy)")
         if self.deflate and self.stencil is not None:
             from .stencil import Stencil
@@ -184,7 +184,7 @@ class DCDM(NetworkContext):
             return f"none ({isl.found} candidate regions, more than {islands.MAX_CANDIDATES})"
         if not isl.count:
             return (f"none (no region coupled {islands.CONTRAST:g}× more strongly inside than "
-                    "across its boundary, along two axes or more, with symmetric rows)")
+                    "across its boundary, along two axes or more (2D: one), with symmetric rows)")
         if self.deflation is None:
             return f"{isl.count} island(s) found, not deflated: ZᵀAZ is not positive definite"
         more = f" (the largest {isl.count} of {isl.found})" if isl.found > isl.count else ""
