@@ -81,7 +81,8 @@ def build_parser():
                    help="training scenes, comma list (flag scenes and operator families)")
     t.add_argument("--geometries", default="4", help="random geometries per scene and size (one count, or one per size)")
     t.add_argument("--lanczos", default="400", help="Lanczos steps per geometry (one count, or one per size)")
-    t.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    t.add_argument("--steps", type=int, default=2000,
+                   help="optimiser steps (default 2000; 0: build the --cache only)")
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     t.add_argument("--batch", type=int, default=8, help="Ritz vectors per step (default 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -391,8 +392,10 @@ def cmd_train(a, petsc_args):
                           resume=a.resume, config=config, init=a.init, deflate=a.deflate)
     except (ModelFileError, ValueError) as e:
         raise UserError(str(e)) from None
-    print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(meta['losses'][-100:]) / len(meta['losses'][-100:]):.4f}")
-    if a.no_card:
+    last = meta["losses"][-100:]
+    print(f"wrote {a.out} after {meta['steps']} steps"
+          + (f", final loss {sum(last) / len(last):.4f}" if last else " (--steps 0: the data cache only)"))
+    if a.no_card or not last:
         return 0
     base = os.path.splitext(a.out)[0]
     loss_plot(meta["losses"], base + ".png")

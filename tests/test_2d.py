@@ -348,8 +348,9 @@ def _laplacian3(da):
 
 def test_shipped_2d_model_is_the_3d_one_fine_tuned():
     """default2d.pt: the same architecture (same kernels, same checks) as
-    default.pt, trained on 2D data from it, with its card; on held-out 2D
-    scenes it takes fewer iterations than the 3D model (torch evaluation)."""
+    default.pt, trained on 2D data from flags.pt (default.pt's start), with
+    its card; on held-out 2D scenes it takes fewer iterations than the 3D
+    model (torch evaluation)."""
     import torch
     from deepcd_petsc.evaluate import evaluate
     from deepcd_petsc.model import default_model_path, load_model
@@ -357,7 +358,8 @@ def test_shipped_2d_model_is_the_3d_one_fine_tuned():
     n2, c2 = load_model(default_model_path(2))
     assert c2["config"] == c3["config"]
     assert c2["meta"]["n2d"] and not c2["meta"]["n"]
-    assert c2["meta"]["init"].endswith("default.pt")
+    assert c2["meta"]["init"].endswith("flags.pt")
+    assert c3["meta"]["init"].endswith("flags.pt") and "density" in c3["meta"]["scenes"]
     card = (REPO / "deepcd_petsc" / "models" / "MODEL_CARD_2D.md").read_text()
     assert "--n2d" in card and "default2d.pt" in card
     torch.set_num_threads(1)

@@ -103,3 +103,14 @@ def test_negative_deflate_is_one_line(tmp_path):
     r = run_cli(["train", "--out", str(tmp_path / "m.pt"), "--deflate", "-1", "--steps", "1"])
     assert r.returncode != 0
     assert "--deflate must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_steps_zero_builds_the_cache_only(tmp_path):
+    cache = tmp_path / "cache"
+    r = run_cli(["train", "--out", str(tmp_path / "m.pt"), "--n", "8", "--scenes", "spheres,density",
+                 "--geometries", "1", "--lanczos", "12", "--steps", "0", "--deflate", "4",
+                 "--cache", str(cache), "--threads", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "the data cache only" in r.stdout
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["density", "spheres"]
+    assert not (tmp_path / "m.md").exists()
