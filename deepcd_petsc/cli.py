@@ -374,6 +374,10 @@ def cmd_train(a, petsc_args):
     sizes2 = _ints(a.n2d, "--n2d") if a.n2d.strip() else []
     if min(sizes + sizes2) < 8:
         raise UserError("training sizes must be >= 8")
+    if a.steps < 0:
+        raise UserError(f"--steps must be >= 0 (0: build the --cache only), got {a.steps}")
+    if a.steps == 0 and not a.cache:
+        raise UserError("--steps 0 builds the Lanczos data cache only: give --cache DIR")
     if a.deflate < 0:
         raise UserError(f"--deflate must be >= 0 (a box size; 0: the plain loss), got {a.deflate}")
     config = dict(DEFAULT_MG_CONFIG) if a.arch == "vcycle" else dict(DEFAULT_CONFIG)
@@ -392,10 +396,13 @@ def cmd_train(a, petsc_args):
                           resume=a.resume, config=config, init=a.init, deflate=a.deflate)
     except (ModelFileError, ValueError) as e:
         raise UserError(str(e)) from None
+    if net is None:
+        print(f"--steps 0: the Lanczos data of {meta['geometries']} geometries is in {a.cache} "
+              f"({meta['data_s']:.0f} s); {a.out} not written")
+        return 0
     last = meta["losses"][-100:]
-    print(f"wrote {a.out} after {meta['steps']} steps"
-          + (f", final loss {sum(last) / len(last):.4f}" if last else " (--steps 0: the data cache only)"))
-    if a.no_card or not last:
+    print(f"wrote {a.out} after {meta['steps']} steps, final loss {sum(last) / len(last):.4f}")
+    if a.no_card:
         return 0
     base = os.path.splitext(a.out)[0]
     loss_plot(meta["losses"], base + ".png")

@@ -52,6 +52,7 @@ def test_2d_family_matrix_equals_torch_operator(fam):
     try:
         flags, faces, st = scene_operator(fam, (1, ny, nx), 4)
         assert faces == {"y+"} and p.open_faces == faces
+        assert np.array_equal(flags, p.flags)
         x = p.da.createGlobalVec()
         x.setRandom()
         y = x.duplicate()

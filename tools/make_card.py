@@ -61,7 +61,8 @@ def family_rows(model, families, n, seeds, big, threads):
             g = next((r for r in got if r["scene"] == fam and r["solver"] == "cg+gamg"), None)
             rows.append({"family": fam, "grid": f"{n}³", "seed": seed,
                          "dcdm": d["iterations"] if d["converged"] else f"{d['iterations']} (not converged)",
-                         "gamg": g["iterations"] if g else "–",
+                         "gamg": ("–" if g is None else g["iterations"] if g["converged"]
+                                  else f"{g['iterations']} (not converged)"),
                          "dcdm_s": f"{d['setup_s']:.2f} + {d['solve_s']:.2f}",
                          "gamg_s": f"{g['setup_s']:.2f} + {g['solve_s']:.2f}" if g else "–"})
     for seed in seeds:
@@ -85,6 +86,10 @@ def main():
     ap.add_argument("--family-seeds", default="1,2,3")
     ap.add_argument("--family-big", default="128", help="larger grids, DCDM only, first seed")
     a = ap.parse_args()
+    fams = [f for f in a.families.split(",") if f]
+    from deepcd_petsc.coefficients import FAMILIES
+    if [f for f in fams if f not in FAMILIES] or (fams and not a.family_seeds.strip()):
+        ap.error(f"--families: choose from {', '.join(FAMILIES)}, with --family-seeds")
     torch.set_num_threads(a.threads)
     tune_malloc()
     net, ck = load_model(a.model)
@@ -99,9 +104,8 @@ def main():
         r.setdefault("cg_jacobi", "–")
     costs = "; ".join(cost(a.model, n) for n in sizes) + f" (PETSc 3.18, {a.threads} thread)"
     write_model_card(a.card, a.model, ck["meta"], rows, a.command, cost=costs)
-    if a.families:
+    if fams:
         from deepcd_petsc.tables import markdown_table
-        fams = a.families.split(",")
         seeds = [int(s) for s in a.family_seeds.split(",")]
         big = [int(s) for s in a.family_big.split(",") if s]
         frows = family_rows(a.model, fams, a.family_n, seeds, big, a.threads)

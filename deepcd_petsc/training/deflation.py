@@ -29,12 +29,17 @@ def _serial_da(st):
 class TrainingDeflation:
     """Z (one label per cell, −1: none) and E⁺ of one training operator."""
 
-    def __init__(self, labels, einv, islands):
+    def __init__(self, labels, einv, islands, st):
         self.cells = torch.as_tensor(np.flatnonzero(labels >= 0))
         self.lab = torch.as_tensor(labels[labels >= 0].astype(np.int64))
-        self.einv = torch.as_tensor(einv, dtype=torch.float32)
+        self.einv = torch.as_tensor(einv, dtype=torch.float64)
         self.count = einv.shape[0]
         self.islands = islands
+        # the corrections A Z y are formed in float64: on graded cells E is
+        # ill-conditioned (10⁷ in 2D stretch 128×32), y = E⁺Zᵀb is large and
+        # b − AZy cancels; in float32 Zᵀr kept 5% of Zᵀb on stretch 64³
+        from ..operator import StencilOperator
+        self.op = StencilOperator(st)
 
     @classmethod
     def of(cls, st, box):
@@ -54,32 +59,45 @@ class TrainingDeflation:
             defl = islands.Deflation(da, st, labels, count)
             if not defl.spd:
                 return None
-            return cls(labels.ravel(), defl.einv.numpy(), found.count)
+            out = cls(labels.ravel(), defl.einv.numpy(), found.count, st)
+            return out if out._exact() else None
         finally:
             da.destroy()
 
+    def _exact(self, tol=1e-6):
+        """Does the deflated residual of a random b have Zᵀr ≈ 0? Not where E
+        is past float64 (2D cells stretched over 256 rows: E spans 10¹⁷):
+        such an operator trains with the plain loss."""
+        b = torch.randn(1, *self.op.shape, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+        zb = self._coarse(b) @ torch.linalg.pinv(self.einv, hermitian=True)
+        zr = self._coarse(self.residual(b)) @ torch.linalg.pinv(self.einv, hermitian=True)
+        return bool(zr.abs().max() <= tol * zb.abs().max() * self.count)
+
     def to(self, device):
         self.cells, self.lab, self.einv = (t.to(device) for t in (self.cells, self.lab, self.einv))
+        self.op = self.op.to(device=device)
         return self
 
     def _coarse(self, v):
-        """E⁺ Zᵀ v per batch row: (B, k)."""
-        flat = v.reshape(v.shape[0], -1)
-        w = torch.zeros(v.shape[0], self.count, dtype=v.dtype, device=v.device)
+        """E⁺ Zᵀ v per batch row: (B, k), float64."""
+        flat = v.reshape(v.shape[0], -1).double()
+        w = torch.zeros(v.shape[0], self.count, dtype=torch.float64, device=v.device)
         w = w.index_add(1, self.lab, flat[:, self.cells])
-        return w @ self.einv.to(v.dtype)
+        return w @ self.einv
 
     def _spread(self, y, like):
-        """Z y on the grid of `like`."""
-        flat = torch.zeros(like.shape[0], like[0].numel(), dtype=like.dtype, device=like.device)
+        """Z y on the grid of `like`, float64."""
+        flat = torch.zeros(like.shape[0], like[0].numel(), dtype=torch.float64, device=like.device)
         return flat.index_copy(1, self.cells, y[:, self.lab]).reshape(like.shape)
 
-    def residual(self, b, op):
+    def residual(self, b):
         """b − AZ E⁺Zᵀb, unit norm: a residual of the deflated KSP (Zᵀr = 0)."""
-        r = b - op(self._spread(self._coarse(b), b))
+        r = (b.double() - self.op(self._spread(self._coarse(b), b))).to(b.dtype)
         dims = tuple(range(1, r.dim()))
         return r / r.square().sum(dims, keepdim=True).sqrt().clamp_min(1e-30)
 
-    def project(self, q, op):
-        """q − Z E⁺ZᵀAq: the KSP's direction, A-orthogonal to Z."""
-        return q - self._spread(self._coarse(op(q)), q)
+    def project(self, q):
+        """q − Z E⁺ZᵀAq: the KSP's direction, A-orthogonal to Z (gradients
+        flow through the float64 correction)."""
+        return q - self._spread(self._coarse(self.op(q.double())), q).to(q.dtype)

@@ -94,6 +94,8 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
     t_data = time.perf_counter() - t_data
     log(f"training data: {len(geos)} geometries at sizes {sizes} (3D) and {n2d} (2D), "
         f"{lanczos} Lanczos steps each, {t_data:.1f} s")
+    if steps == 0 and not state:
+        return None, {"steps": 0, "losses": [], "data_s": t_data, "geometries": len(geos)}
     ops = [g.op.to(device=device) for g in geos]
     defl = [None] * len(geos)
     if deflate:
@@ -147,11 +149,11 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         g = geos[gi]
         b = g.sample(batch, gen).to(device)
         if defl[gi] is not None:
-            b = defl[gi].residual(b, ops[gi])
+            b = defl[gi].residual(b)
         geo = model.prepare(g.flags, g.dirichlet, device=device, **g.prepare_kw)
         q = model(b[:, None], geo)[:, 0]
         if defl[gi] is not None:
-            q = defl[gi].project(q, ops[gi])
+            q = defl[gi].project(q)
         loss = dcdm_loss(b, q, ops[gi])
         opt.zero_grad(set_to_none=True)
         loss.backward()
