@@ -94,8 +94,8 @@ def build_parser():
     t.add_argument("--init", help="start from this model's architecture and weights (fine-tuning)")
     t.add_argument("--deflate", type=int, default=0, metavar="B",
                    help="train on what the DCDM KSP asks of the network: deflate the operator "
-                        "families' islands (and B³ boxes beside them, as -ksp_dcdm_deflate_box) "
-                        "in the loss; 0 (default): the plain loss")
+                        "families' islands (and boxes of B cells a side beside them, as "
+                        "-ksp_dcdm_deflate_box) in the loss; 0 (default): the plain loss")
     t.add_argument("--arch", default="vcycle", choices=["vcycle", "unet"],
                    help="network: the V-cycle network (default) or the U-Net of the first releases")
     t.add_argument("--channels", help="U-Net only: channels per level, finest first, e.g. 4,8,16,16,16")

@@ -102,7 +102,7 @@ def train(out, n=32, scenes=("spheres", "smoke", "liquid", "box"), steps=1000,
         from .deflation import TrainingDeflation
         defl = [TrainingDeflation.of(g.stencil, deflate) for g in geos]
         defl = [d if d is None else d.to(device) for d in defl]
-        log(f"island deflation in the loss ({deflate}³ boxes): "
+        log(f"island deflation in the loss (boxes of {deflate} cells a side): "
             + (", ".join(f"{g.name} {d.islands}+{d.count - d.islands}" for g, d in zip(geos, defl)
                          if d is not None) or "no training operator has islands"))
     gen = torch.Generator().manual_seed(seed)
@@ -221,7 +221,7 @@ def write_model_card(path, model_path, meta, rows, command, cost=None):
              f"{meta['lanczos']} Lanczos steps per geometry, low half of the Ritz spectrum weighted x9",
              f"- Training: {meta['steps']} Adam steps, batch {meta['batch']}, lr {meta['lr']} (cosine to lr/10)"
              + (f", fine-tuned from `{os.path.basename(meta['init'])}`" if meta.get("init") else "")
-             + (f", the DCDM KSP's island deflation in the loss ({meta['deflate']}³ boxes)"
+             + (f", the DCDM KSP's island deflation in the loss (boxes of {meta['deflate']} cells a side)"
                 if meta.get("deflate") else "") + "; "
              f"data {meta['data_s']:.0f} s + training {meta['train_s']:.0f} s on {meta['device']} "
              f"({meta['host']}, {meta['threads']} torch thread(s)), torch {meta['torch']}, source {meta['revision']}",
