@@ -53,13 +53,13 @@ def family_rows(model, families, n, seeds, big, threads):
     from deepcd_petsc.bench import bench
     rows = []
 
-    def add(n, seed, solvers):
-        got = bench(families, [n], solvers, seed=seed, repeats=1, model=model, threads=threads,
+    def add(size, seed, solvers):
+        got = bench(families, [size], solvers, seed=seed, repeats=1, model=model, threads=threads,
                     log=lambda line: print(line, flush=True))
         for fam in families:
             d = next(r for r in got if r["scene"] == fam and r["solver"] == "dcdm")
             g = next((r for r in got if r["scene"] == fam and r["solver"] == "cg+gamg"), None)
-            rows.append({"family": fam, "grid": f"{n}³", "seed": seed,
+            rows.append({"family": fam, "grid": f"{size}³", "seed": seed,
                          "dcdm": d["iterations"] if d["converged"] else f"{d['iterations']} (not converged)",
                          "gamg": ("–" if g is None else g["iterations"] if g["converged"]
                                   else f"{g['iterations']} (not converged)"),
