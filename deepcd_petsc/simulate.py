@@ -334,12 +334,16 @@ class Simulation:
 
     # -- the run ---------------------------------------------------------------
     def run(self, out_dir, command):
+        from mpi4py import MPI
         from .simulate_output import Recorder
         rank = self.comm.getRank()
         rec = Recorder(out_dir, self.s, self.comm, command) if rank == 0 else None
         status, t0 = 0, time.perf_counter()
+        stop = _StopRequest()
         try:
             for k in range(self.s["steps"]):
+                if self.comm.tompi4py().allreduce(stop.requested, op=MPI.MAX):
+                    raise KeyboardInterrupt
                 r = self.step(k)
                 if k == 0 and rank == 0:
                     rec.settings.update(solver=self.solver.label(), ranks=self.comm.getSize(),
@@ -354,6 +358,7 @@ class Simulation:
             if rank == 0:
                 print("interrupted: keeping the statistics and frames written so far", file=sys.stderr)
         finally:
+            stop.restore()
             if rank == 0:
                 rec.finish(time.perf_counter() - t0, interrupted=status == 130)
         return status
@@ -372,6 +377,36 @@ class Simulation:
         for v in (self.p, self.b):
             v.destroy()
         self.grid.destroy()
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the run to stop after the current step; the
+    second interrupts at once. An interrupt raised wherever the signal
+    happens to land can be swallowed: inside a garbage-collector or weakref
+    callback (matplotlib's) Python prints "Exception ignored" and runs on.
+    A flag read between steps cannot be lost, and the ranks agree on it
+    (one reduction per step), so no rank stops inside a collective alone."""
+
+    def __init__(self):
+        import signal
+        import threading
+        self.requested = 0
+        self._old = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        import signal
+        self.requested = 1
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("interrupt: stopping after this step (Ctrl-C again stops now)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class _Clock:

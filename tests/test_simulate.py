@@ -3,6 +3,7 @@ for DCDM and CG + GAMG/Jacobi, the operator-change path, pictures, seeds,
 2 ranks against 1, interrupted runs and bad options (subprocesses, as a
 user runs it)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,10 +159,32 @@ def test_interrupted_run_keeps_what_was_written(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
+    assert "stopping after this step" in err and "Traceback" not in err, err
     data = json.loads(stats.read_text())
     assert data["interrupted"] is True and len(data["steps"]) >= 2
     assert len(list((tmp_path / "frames").glob("*.png"))) >= 2
     assert (tmp_path / "pressure.png").exists()
+
+
+def test_first_interrupt_is_a_flag_the_second_raises():
+    """The first Ctrl-C must not raise: raised inside a weakref or
+    garbage-collector callback, Python swallows it and the run goes on
+    (CI saw a simulation ignore SIGINT so)."""
+    from deepcd_petsc.simulate import _StopRequest
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)   # also under `make test &`
+    stop = _StopRequest()
+    try:
+        assert stop.requested == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)                    # the handler runs between bytecodes
+        assert stop.requested == 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, before)
 
 
 def _one_line_error(r, words):
