@@ -450,6 +450,10 @@ class NetworkContext:
         p(f"  grid: {self.grid_source}; geometry: {self.geometry_source}\n")
         if self.operator_path:
             p(f"  network levels apply: {self.operator_path}\n")
+        if isinstance(geo, dict) and geo.get("rough") is not None:
+            from .mgnet import ROUGH
+            p(f"  rough coefficients: {100 * geo['rough']:.0f}% of the cells have opposite couplings "
+              f"differing > {ROUGH:g}x; the learned gates are at most 1 there (no over-relaxation)\n")
         if plan is not None:
             from .mgnet import describe_plan
             p(f"  network coarsening (axes halved per level): {describe_plan(plan)}\n")
