@@ -589,10 +589,12 @@ def rough_cells(coef, ratio=None):
     over-relaxation diverges locally. Anisotropic and graded cells keep
     nearly equal opposite couplings, and so their gates."""
     ratio = ROUGH if ratio is None else ratio
-    c = coef.reshape(coef.shape[0], 3, 2, *coef.shape[2:])
-    lo, hi = c[:, :, 0], c[:, :, 1]
-    both = (lo > 0) & (hi > 0)
-    m = (both & ((lo > ratio * hi) | (hi > ratio * lo))).any(1, keepdim=True)
+    m = None
+    for a in range(3):          # one axis at a time: float64 temporaries of one plane
+        lo, hi = coef[:, 2 * a:2 * a + 1], coef[:, 2 * a + 1:2 * a + 2]
+        r = (lo > ratio * hi) | (hi > ratio * lo)
+        r &= (lo > 0) & (hi > 0)
+        m = r if m is None else m.logical_or_(r)
     return m if bool(m.any()) else None
 
 
