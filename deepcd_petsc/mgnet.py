@@ -392,6 +392,38 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     tot = float(sum(strengths[:3]))
     # rounded: sums over ranks differ from the serial sum in the last bits
     s = [round(float(v) / tot, 9) for v in strengths[:3]] if tot > 0 else [1.0, 1.0, 1.0]
+    plan = _semi_plan(shape, max_levels, coarsest, s)
+    if len(plan) == max_levels - 1 and _bottom_too_large(shape, plan):
+        # the level cap stopped a semi-coarsening whose bottom is large (64³
+        # with hx:hy:hz = 1:3:1/5: z, z, z, z, x, x left 4096 cells, whose
+        # dense inverse took 1.8 s of set-up and 8 MatMults per
+        # application): the last coarsenings halve every axis they can
+        for j in range(1, len(plan) + 1):
+            alt = _semi_plan(shape, max_levels, coarsest, s, full_from=len(plan) - j)
+            if _bottom_cells(shape, alt) < _bottom_cells(shape, plan):
+                plan = alt
+            if not _bottom_too_large(shape, plan):
+                break
+    return plan
+
+
+def _bottom_too_large(shape, plan):
+    """A bottom past DENSE_INVERSE_CELLS is only smoothed (weak), and a
+    densely inverted one above DENSE_CELLS costs more than a MatMult when
+    its cells squared exceed 8× the grid's (64³: 4096 cells do; 256³: they
+    do not, and stay)."""
+    b = _bottom_cells(shape, plan)
+    return b > DENSE_INVERSE_CELLS or (b > DENSE_CELLS and b * b > 8 * math.prod(int(n) for n in shape))
+
+
+def _bottom_cells(shape, plan):
+    cum = plan_divisors(plan)[-1] if plan else (1, 1, 1)
+    return math.prod(-(-int(n) // c) for n, c in zip(shape, cum))
+
+
+def _semi_plan(shape, max_levels, coarsest, s, full_from=None):
+    """coarsening_plan's loop; from coarsening `full_from` on, every axis
+    that can halve does."""
     cum = [1, 1, 1]
     plan = []
     while len(plan) < max_levels - 1:
@@ -399,7 +431,10 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
         if not any(can):
             break
         smax = max(v for v, ok in zip(s, can) if ok)
-        f = tuple(2 if ok and v >= SEMI_THRESHOLD * smax * (1 - 1e-6) else 1 for v, ok in zip(s, can))
+        if full_from is not None and len(plan) >= full_from:
+            f = tuple(2 if ok else 1 for ok in can)
+        else:
+            f = tuple(2 if ok and v >= SEMI_THRESHOLD * smax * (1 - 1e-6) else 1 for v, ok in zip(s, can))
         # an axis one cell long (a 2D grid's z) is never coarsened: halving
         # all the others is full coarsening there
         full = all(k == 2 or int(n) == 1 for k, n in zip(f, shape))

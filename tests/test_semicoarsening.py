@@ -200,3 +200,21 @@ def test_max_children_is_max_pool(f):
     from deepcd_petsc.mgnet import max_children
     x = torch.rand((2, 1, 4, 6, 10), generator=torch.Generator().manual_seed(1))
     assert torch.equal(max_children(x, f), torch.nn.functional.max_pool3d(x, f))
+
+
+def test_level_cap_does_not_leave_a_large_semi_coarsened_bottom():
+    """Three different spacings (hx:hy:hz = 1:3:1/5): semi-coarsening only
+    ever halved z and x before the level cap, and left a 4×64×16 bottom
+    whose dense inverse took 1.8 s of set-up and 8 MatMults an
+    application; the last coarsenings now halve every axis they can."""
+    from deepcd_petsc.mgnet import DENSE_CELLS, _bottom_cells, describe_plan
+    s = (15.0, 0.067, 0.6, 1)
+    plan = coarsening_plan((64, 64, 64), 7, 4, strengths=s)
+    assert describe_plan(plan) == "z, z, z, z, yx, yx"
+    assert _bottom_cells((64, 64, 64), plan) <= DENSE_CELLS
+    # where the dense bottom is cheap next to the grid it stays (aniso 256³)
+    plan = coarsening_plan((256, 256, 256), 7, 4, strengths=(16.0, 1.0, 1.0, 1))
+    assert describe_plan(plan) == "z, z, z, zyx, zyx, zyx"
+    # a bottom past the dense inverse (only smoothed) is never left
+    plan = coarsening_plan((1, 4096, 4096), 7, 4, strengths=(0.0, 1.0, 16.0, 1))
+    assert _bottom_cells((1, 4096, 4096), plan) <= 4096
