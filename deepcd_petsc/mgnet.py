@@ -384,6 +384,10 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
     takes three cells, fold_odd); no
     semi-coarsening below DENSE_CELLS cells (that level is solved exactly:
     a 16×14×12 density scene took 12 iterations with one more, 8 without).
+    Where the level cap would leave a bottom too large to invert, or too
+    costly to apply (_bottom_too_large), the last coarsenings halve every
+    axis that can (64³, hx:hy:hz = 0.1:0.5:2, couplings 400:16:1: 26 -> 25
+    iterations, set-up 2.8 -> 0.3 s).
     """
     per = tuple(periodic or (False,) * 3)
     if strengths is None:
@@ -398,8 +402,9 @@ def coarsening_plan(shape, max_levels, coarsest, periodic=None, strengths=None):
         # with hx:hy:hz = 1:3:1/5: z, z, z, z, x, x left 4096 cells, whose
         # dense inverse took 1.8 s of set-up and 8 MatMults per
         # application): the last coarsenings halve every axis they can
-        for j in range(1, len(plan) + 1):
-            alt = _semi_plan(shape, max_levels, coarsest, s, full_from=len(plan) - j)
+        n0 = len(plan)
+        for j in range(1, n0 + 1):
+            alt = _semi_plan(shape, max_levels, coarsest, s, full_from=n0 - j)
             if _bottom_cells(shape, alt) < _bottom_cells(shape, plan):
                 plan = alt
             if not _bottom_too_large(shape, plan):
@@ -417,8 +422,8 @@ def _bottom_too_large(shape, plan):
 
 
 def _bottom_cells(shape, plan):
-    cum = plan_divisors(plan)[-1] if plan else (1, 1, 1)
-    return math.prod(-(-int(n) // c) for n, c in zip(shape, cum))
+    """Cells of a coefficient plan's coarsest level (unpadded: floor)."""
+    return math.prod(ragged_shape(shape, plan_divisors(plan)[-1] if plan else (1, 1, 1)))
 
 
 def _semi_plan(shape, max_levels, coarsest, s, full_from=None):

@@ -339,7 +339,7 @@ class Simulation:
         rank = self.comm.getRank()
         rec = Recorder(out_dir, self.s, self.comm, command) if rank == 0 else None
         status, t0 = 0, time.perf_counter()
-        stop = _StopRequest()
+        stop = _StopRequest(rank)
         try:
             for k in range(self.s["steps"]):
                 if self.comm.tompi4py().allreduce(stop.requested, op=MPI.MAX):
@@ -387,10 +387,11 @@ class _StopRequest:
     A flag read between steps cannot be lost, and the ranks agree on it
     (one reduction per step), so no rank stops inside a collective alone."""
 
-    def __init__(self):
+    def __init__(self, rank=0):
         import signal
         import threading
         self.requested = 0
+        self.rank = rank
         self._old = None
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -400,7 +401,10 @@ class _StopRequest:
         import signal
         self.requested = 1
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("interrupt: stopping after this step (Ctrl-C again stops now)", file=sys.stderr, flush=True)
+        if self.rank == 0:
+            # os.write: print() inside a handler that interrupted a print
+            # to the same stream raises "reentrant call"
+            os.write(2, b"interrupt: stopping after this step (Ctrl-C again stops now)\n")
 
     def restore(self):
         import signal

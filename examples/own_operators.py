@@ -11,8 +11,8 @@ Cell-centred finite volumes on a tensor grid, harmonic face coefficients:
   grade    x graded geometrically from both walls, Dirichlet x-
   aniso3   cells hx:hy:hz = 1:3:1/5, Dirichlet top
   rough    log-normal k from random Fourier modes of wavenumber ~ --kstd,
-           log10 k of standard deviation --decades (DCDM's limit: README,
-           "Operators the network was not trained on")
+           log10 k of standard deviation --decades (README, "Operators
+           the scene generators do not make")
   iid      log10 k independent per cell, standard deviation --decades
   strat    a heavy pool under a light phase (ratio --ratio), wavy interface
   perx     periodic in x only, layered k, Dirichlet top
@@ -82,50 +82,47 @@ def coefficients(kind, n, rng):
 
 
 def assemble(da, k, h, per, dirichlet):
-    """The two-point flux operator, rows of this rank in PETSc's ordering."""
+    """The two-point flux operator: this rank's box of cells, whose rows
+    are PETSc's lo..hi-1 in box order (x fastest); columns through the
+    DMDA's AO (natural -> PETSc numbering)."""
     n = k.shape[0]
-    natural = np.arange(n ** 3).reshape(n, n, n)
-    rows, cols, vals, diag = [], [], [], np.zeros_like(k)
+    (xs, xe), (ys, ye), (zs, ze) = da.getRanges()
+    box = np.meshgrid(np.arange(zs, ze), np.arange(ys, ye), np.arange(xs, xe), indexing="ij")
+    own = tuple(box)
+    cols, vals, diag = [], [], np.zeros(box[0].shape)
     for ax in range(3):                 # x, y, z are array axes 2, 1, 0
         a = 2 - ax
-        shape = [1, 1, 1]
-        shape[a] = n
-        hh = np.broadcast_to(h[ax].reshape(shape), k.shape)
-        area = np.ones_like(k)
-        for o in range(3):
-            if o != ax:
-                s = [1, 1, 1]
-                s[2 - o] = n
-                area = area * h[o].reshape(s)
-        m = n if per[ax] else n - 1
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[a], hi[a] = np.arange(m), (np.arange(m) + 1) % n
-        lo, hi = tuple(lo), tuple(hi)
-        t = area[lo] / (hh[lo] / (2 * k[lo]) + hh[hi] / (2 * k[hi]))
-        i, j = natural[lo].ravel(), natural[hi].ravel()
-        rows += [i, j]
-        cols += [j, i]
-        vals += [-t.ravel(), -t.ravel()]
-        np.add.at(diag.reshape(-1), i, t.ravel())
-        np.add.at(diag.reshape(-1), j, t.ravel())
-        for dax, side in dirichlet:
-            if dax == ax:
-                s = [slice(None)] * 3
-                s[a] = -1 if side else 0
-                s = tuple(s)
-                diag[s] += area[s] * k[s] / (hh[s] / 2)
-    rows.append(natural.ravel())
-    cols.append(natural.ravel())
-    vals.append(diag.ravel())
-    import scipy.sparse as sp
-    M = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n ** 3,) * 2)
+        others = [o for o in range(3) if o != ax]
+        area = h[others[0]][box[2 - others[0]]] * h[others[1]][box[2 - others[1]]]
+        hc = h[ax][box[a]]
+        for step in (-1, 1):
+            nb = [b.copy() for b in box]
+            nb[a] = box[a] + step
+            inside = (nb[a] >= 0) & (nb[a] < n)
+            if per[ax]:
+                nb[a] %= n
+                inside[:] = True
+            nbc = tuple(np.where(inside, v, 0) for v in nb)
+            hn = h[ax][nbc[a]]
+            t = np.where(inside, area / (hc / (2 * k[own]) + hn / (2 * k[nbc])), 0.0)
+            diag += t
+            for dax, side in dirichlet:
+                if dax == ax and step == (1 if side else -1):
+                    diag += np.where(inside, 0.0, area * k[own] / (hc / 2))
+            cols.append(np.where(inside, np.ravel_multi_index(nbc, k.shape), -1))
+            vals.append(-t)
+    natural = np.stack([np.ravel_multi_index(own, k.shape)] + cols, -1).reshape(-1, 7)
+    v = np.stack([diag] + vals, -1).reshape(-1, 7)
     ao = da.getAO()
+    pc = np.where(natural >= 0, ao.app2petsc(np.maximum(natural, 0).ravel().astype(PETSc.IntType))
+                  .reshape(natural.shape), -1)
+    keep = (pc >= 0) & (v != 0)
+    keep[:, 0] = True
+    order = np.argsort(np.where(keep, pc, np.iinfo(np.int64).max), axis=1, kind="stable")
+    pc, v, keep = (np.take_along_axis(x, order, 1) for x in (pc, v, keep))
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(PETSc.IntType)
     A = da.createMatrix()
-    lo, hi = A.getOwnershipRange()
-    local = M[ao.petsc2app(np.arange(lo, hi, dtype=PETSc.IntType))].tocsr()
-    cols = ao.app2petsc(local.indices.astype(PETSc.IntType))
-    A.setValuesCSR(local.indptr.astype(PETSc.IntType), cols, local.data)    # rows lo..hi-1
+    A.setValuesCSR(indptr, pc[keep].astype(PETSc.IntType), v[keep])    # rows lo..hi-1
     A.assemble()
     return A
 

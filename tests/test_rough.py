@@ -72,8 +72,32 @@ def test_gates_clamped_only_on_rough_grids_and_only_at_rough_cells():
     g = torch.cat(lv["gates"], 1)
     assert float(g[rough.expand_as(g)].max()) <= 1.0
     assert float(g[(~rough & (lv["fluid"] > 0)).expand_as(g)].max()) > 1.0   # the rest keep theirs
-    # a smooth field of the same range: no clamp, and gates above 1 where rough cells would be
+    # a smooth field of a similar range: no clamp, its gates reach above 1
     flags, st = _stencil(fam="perm")
     geo = _gates(st, flags)
     assert geo["rough"] is None
     assert float(torch.cat(geo["levels"][0]["gates"], 1).max()) > 1.0
+
+
+class _TwoRanks:
+    """A halo whose allreduce adds another rank's (rough, active) counts."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def allreduce(self, t):
+        return t + self.other
+
+
+def test_share_is_summed_over_the_ranks():
+    """One rank rough, the other smooth: the clamp follows the global share,
+    the same on both (a rank-local share would differ)."""
+    flags, st = _stencil(k=_iid(1.0))
+    fl = torch.as_tensor(flags == 0, dtype=torch.float32)[None, None]
+    c = _coef(st)
+    rough = float((mgnet.rough_cells(c) & (fl > 0)).sum())
+    active = float((fl > 0).sum())
+    assert rough / active > mgnet.ROUGH_SHARE
+    smooth_rank = torch.tensor([0.0, active], dtype=torch.float64)
+    share = mgnet.rough_share(c, fl, _TwoRanks(smooth_rank))
+    assert share == rough / (2 * active) < mgnet.ROUGH_SHARE
