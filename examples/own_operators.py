@@ -163,7 +163,8 @@ def main():
     n = args.n
     k, h, per, dirichlet = coefficients(args.kind, n, np.random.default_rng([args.seed, 77]))
     bt = tuple(PETSc.DM.BoundaryType.PERIODIC if p else PETSc.DM.BoundaryType.NONE for p in per)
-    da = PETSc.DMDA().create(dim=3, sizes=(n, n, n), dof=1, stencil_width=1, boundary_type=bt)
+    da = PETSc.DMDA().create(dim=3, sizes=(n, n, n), dof=1, stencil_width=1, boundary_type=bt,
+                             stencil_type=PETSc.DMDA.StencilType.STAR)     # 7-point rows
     A = assemble(da, k, h, per, dirichlet)
     b = da.createGlobalVec()
     natural = np.random.default_rng([args.seed, 99]).standard_normal(n ** 3)
