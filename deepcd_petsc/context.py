@@ -459,6 +459,10 @@ class NetworkContext:
             p(f"  network coarsening (axes halved per level): {describe_plan(plan)}\n")
         if isinstance(geo, dict) and any("coef" in lv for lv in geo.get("levels", ())):
             how = "-kcycle" if self.kcycle_levels is not None else f"default for {self.grid_dim}D grids"
+            if geo.get("kcycle_auto"):
+                from .ksp import KCYCLE_SLOW
+                how = (f"switched on at iteration {geo['kcycle_auto']} of a solve: ‖r‖/‖r₀‖ was above "
+                       f"{KCYCLE_SLOW:g}, on coefficients that vary cell by cell without deflated islands")
             k = geo.get("kcycle", 0)
             p("  coarse corrections: " + (f"K-cycle on the finest {k} level(s) (two coarse cycles, "
               "energy-minimising combination), V-cycle below" if k else "V-cycle") + f" ({how})\n")

@@ -135,3 +135,49 @@ def test_kcycle_bad_input_stops_with_a_reason(case):
     finally:
         for o in (b, x, A, da):
             o.destroy()
+
+
+def _own(*args, ranks=0):
+    import subprocess
+    import sys
+    from helpers import REPO, _env, run_mpi
+    script = REPO / "examples" / "own_operators.py"
+    if ranks:
+        r = run_mpi(ranks, [script, *args])
+    else:
+        r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                           text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = next(l for l in r.stdout.splitlines() if l.startswith("| dcdm"))
+    return int(row.split("|")[2]), r.stdout
+
+
+def test_3d_kcycle_switched_on_where_the_v_cycle_is_slow():
+    """A rough log-normal field (no islands, coupling planes): the V-cycle
+    is slow, and at iteration 6 the finest level's K-cycle is switched on;
+    -ksp_dcdm_kcycle 0 keeps the V-cycle."""
+    its, out = _own("--kind", "rough", "--n", 24, "--solvers", "dcdm", "-dcdm_ksp_view")
+    assert "K-cycle on the finest 1 level(s)" in out and "switched on at iteration 6" in out, out
+    v_its, out = _own("--kind", "rough", "--n", 24, "--solvers", "dcdm", "-dcdm_ksp_view",
+                      "-dcdm_ksp_dcdm_kcycle", "0")
+    assert "V-cycle (-kcycle)" in out
+    assert its < v_its
+
+
+@pytest.mark.parametrize("args", [("--scene", "perm", "--seed", "1"), ("--scene", "aniso", "--seed", "1"),
+                                  ("--scene", "density", "--seed", "1")])
+def test_3d_kcycle_stays_off_on_the_families(args):
+    """perm converges before the check, aniso has one coupling per axis
+    (no planes), density's islands are deflated: all keep the V-cycle."""
+    from helpers import run_cli
+    r = run_cli(["solve", *args, "--n", "32", "-ksp_type", "python", "-ksp_python_type",
+                 "deepcd_petsc.DCDM", "-ksp_rtol", "1e-6", "-ksp_view"])
+    assert r.returncode == 0, r.stderr
+    assert "coarse corrections: V-cycle (default for 3D grids)" in r.stdout, r.stdout
+
+
+@pytest.mark.mpi
+def test_3d_kcycle_switch_on_ranks_as_in_serial():
+    one, _ = _own("--kind", "rough", "--n", 24, "--solvers", "dcdm")
+    two, out = _own("--kind", "rough", "--n", 24, "--solvers", "dcdm", "-dcdm_ksp_view", ranks=2)
+    assert one == two and "switched on at iteration 6" in out
