@@ -41,6 +41,8 @@ args, petsc_args = ap.parse_known_args()
 petsc4py.init([sys.argv[0]] + petsc_args)
 from petsc4py import PETSc  # noqa: E402
 
+from deepcd_petsc.petsc_compat import set_dm_inactive  # noqa: E402
+
 SOLVERS = {"dcdm": {"ksp_type": "python", "ksp_python_type": "deepcd_petsc.DCDM"},
            "cg+gamg": {"ksp_type": "cg", "pc_type": "gamg", "ksp_norm_type": "unpreconditioned"},
            "cg+jacobi": {"ksp_type": "cg", "pc_type": "jacobi", "ksp_norm_type": "unpreconditioned"}}
@@ -121,7 +123,7 @@ def assemble(da, k, h, per, dirichlet):
     order = np.argsort(np.where(keep, pc, np.iinfo(np.int64).max), axis=1, kind="stable")
     pc, v, keep = (np.take_along_axis(x, order, 1) for x in (pc, v, keep))
     indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(PETSc.IntType)
-    A = da.createMatrix()
+    A = da.createMat()
     A.setValuesCSR(indptr, pc[keep].astype(PETSc.IntType), v[keep])    # rows lo..hi-1
     A.assemble()
     return A
@@ -133,7 +135,7 @@ def solve(name, A, op, da, b):
     ksp.setOptionsPrefix(name.replace("+", "_") + "_")
     ksp.setOperators(op)
     ksp.setDM(da)
-    ksp.setDMActive(False)
+    set_dm_inactive(ksp)        # the DMDA gives the grid only (KSPSetDMActive, any PETSc)
     opts = PETSc.Options(ksp.getOptionsPrefix())
     for key, v in {**SOLVERS[name], "ksp_rtol": args.rtol, "ksp_max_it": 5000}.items():
         if not opts.hasName(key):
@@ -169,7 +171,8 @@ def main():
     b = da.createGlobalVec()
     natural = np.random.default_rng([args.seed, 99]).standard_normal(n ** 3)
     lo, hi = b.getOwnershipRange()
-    b.array[:] = natural[da.getAO().petsc2app(np.arange(lo, hi, dtype=PETSc.IntType))]
+    with b as arr:              # (writing b.array does not bump its state on PETSc 3.26)
+        arr[:] = natural[da.getAO().petsc2app(np.arange(lo, hi, dtype=PETSc.IntType))]
     op = A
     if args.shell:
         class Shell:
