@@ -132,3 +132,21 @@ def sigint_default():
     child would never see the test's Ctrl-C."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_own_operators(*args, ranks=0):
+    """examples/own_operators.py ARGS (on `ranks` ranks with mpiexec):
+    ({solver: {its, reason, rel}}, stdout); fails the test on a non-zero exit."""
+    script = REPO / "examples" / "own_operators.py"
+    if ranks:
+        r = run_mpi(ranks, [script, *args])
+    else:
+        r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                           text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 3 and cells[1].isdigit():
+            rows[cells[0]] = dict(its=int(cells[1]), reason=int(cells[2]), rel=float(cells[3]))
+    return rows, r.stdout

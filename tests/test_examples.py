@@ -104,19 +104,8 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
 
 
 def _own(*args, ranks=0):
-    from helpers import run_mpi
-    script = REPO / "examples" / "own_operators.py"
-    if ranks:
-        r = run_mpi(ranks, [script, *args])
-    else:
-        r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                           timeout=300, env=_env(), cwd=REPO)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = {}
-    for line in r.stdout.splitlines()[3:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(its=int(cells[1]), reason=int(cells[2]), rel=float(cells[3]))
-    return rows
+    from helpers import run_own_operators
+    return run_own_operators(*args, ranks=ranks)[0]
 
 
 # operators no scene generator makes (rough and iid: coefficients rough at
@@ -150,12 +139,10 @@ def test_own_operators_ranks_take_the_serial_iterations(kind, ranks):
 
 
 def test_own_operators_view_says_when_gates_are_clamped():
+    from helpers import run_own_operators
+
     def view(kind):
-        r = subprocess.run([sys.executable, str(REPO / "examples" / "own_operators.py"), "--kind", kind,
-                            "--n", "16", "--solvers", "dcdm", "-dcdm_ksp_view"],
-                           capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
-        assert r.returncode == 0, r.stdout + r.stderr
-        return r.stdout
+        return run_own_operators("--kind", kind, "--n", 16, "--solvers", "dcdm", "-dcdm_ksp_view")[1]
     iid = view("iid")
     assert "rough coefficients: " in iid and "gates are at most 1" in iid
     assert "island deflation: none (rough coefficients" in iid      # no island search

@@ -138,18 +138,10 @@ def test_kcycle_bad_input_stops_with_a_reason(case):
 
 
 def _own(*args, ranks=0):
-    import subprocess
-    import sys
-    from helpers import REPO, _env, run_mpi
-    script = REPO / "examples" / "own_operators.py"
-    if ranks:
-        r = run_mpi(ranks, [script, *args])
-    else:
-        r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
-                           text=True, timeout=300, env=_env(), cwd=REPO)
-    assert r.returncode == 0, r.stdout + r.stderr
-    row = next(l for l in r.stdout.splitlines() if l.startswith("| dcdm"))
-    return int(row.split("|")[2]), r.stdout
+    """(DCDM's iterations, stdout) of examples/own_operators.py."""
+    from helpers import run_own_operators
+    rows, out = run_own_operators(*args, ranks=ranks)
+    return rows["dcdm"]["its"], out
 
 
 def test_3d_kcycle_switched_on_where_the_v_cycle_is_slow():
